@@ -1,0 +1,1 @@
+"""LMGate: an allow-listing, usage-recording gateway for LLM APIs."""

@@ -1,0 +1,185 @@
+"""The CSV allow-list: parsing, lookup by key, and reload by polling the file.
+
+Every key is held as the SHA-256 of the key, whether the file names the key itself or its
+`sha256:<hex>` form, so a lookup is one hash and one dict probe and no plain key is kept in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import io
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("lmgate.allowlist")
+
+REQUIRED_COLUMNS = ("id", "api_key", "owner", "added")
+SETTLE_NS = 300_000_000  # a file changed less than this long ago may still be being written
+_SHA256_FORM = re.compile(r"sha256:([0-9a-fA-F]{64})")
+
+
+class AllowListError(Exception):
+    """The allow-list cannot be used; the message is one line naming the file and line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: str
+    owner: str
+    line: int
+
+
+def hash_key(key: str) -> str:
+    """The `sha256:<hex>` form of a key, as `lmgate hash-key` prints it."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def mask_key(key: str) -> str:
+    """The only form of a key that may be logged or recorded: its last 6 characters."""
+    return "..." + key[-6:] if len(key) > 12 else "..."
+
+
+class AllowList:
+    """An immutable, fully parsed allow-list. Replace it whole; never mutate it."""
+
+    def __init__(self, by_digest: dict[bytes, Entry], source: str) -> None:
+        self._by_digest = by_digest
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def lookup(self, key: str) -> Entry | None:
+        return self._by_digest.get(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest())
+
+
+def parse_allowlist(data: bytes, source: str) -> AllowList:
+    """Parse the CSV bytes; raise AllowListError naming `source` and the editor line number."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise AllowListError(f"{source}:{line}: not UTF-8 text") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise AllowListError(f"{source}:{line}: contains a NUL byte (binary file?)")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    by_digest: dict[bytes, Entry] = {}
+    first_line_of_id: dict[str, int] = {}
+    header: list[str] | None = None
+    columns: dict[str, int] = {}
+    try:
+        row_start = 1
+        for row in reader:
+            line, row_start = row_start, reader.line_num + 1
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [cell.strip().lower() for cell in row]
+                missing = [c for c in REQUIRED_COLUMNS if c not in header]
+                if missing:
+                    raise AllowListError(
+                        f"{source}:{line}: header must name the columns {','.join(REQUIRED_COLUMNS)} "
+                        f"(missing: {', '.join(missing)})")
+                columns = {c: header.index(c) for c in REQUIRED_COLUMNS}
+                continue
+            if len(row) < len(header):
+                raise AllowListError(f"{source}:{line}: expected {len(header)} fields, found {len(row)}")
+            values = {c: row[i].strip() for c, i in columns.items()}
+            for column in REQUIRED_COLUMNS:
+                if not values[column]:
+                    raise AllowListError(f"{source}:{line}: empty {column}")
+            key = values["api_key"]
+            if any(ch.isspace() for ch in key):
+                raise AllowListError(f"{source}:{line}: api_key contains white space")
+            match = _SHA256_FORM.fullmatch(key)
+            if match:
+                digest = bytes.fromhex(match.group(1))
+            elif key.lower().startswith("sha256:"):
+                raise AllowListError(f"{source}:{line}: api_key sha256: form needs exactly 64 hex digits")
+            else:
+                digest = hashlib.sha256(key.encode("utf-8")).digest()
+            if values["id"] in first_line_of_id:
+                raise AllowListError(f"{source}:{line}: duplicate id {values['id']!r} "
+                                     f"(first on line {first_line_of_id[values['id']]})")
+            if digest in by_digest:
+                raise AllowListError(f"{source}:{line}: duplicate api_key "
+                                     f"(same key as line {by_digest[digest].line})")
+            first_line_of_id[values["id"]] = line
+            by_digest[digest] = Entry(id=values["id"], owner=values["owner"], line=line)
+    except csv.Error as exc:
+        raise AllowListError(f"{source}:{reader.line_num}: malformed CSV: {exc}") from None
+    if header is None:
+        raise AllowListError(f"{source}:1: empty file (expected the header {','.join(REQUIRED_COLUMNS)})")
+    return AllowList(by_digest, source)
+
+
+def load_allowlist(path: Path) -> AllowList:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AllowListError(f"{path}: allow-list not found") from None
+    except OSError as exc:
+        raise AllowListError(f"{path}: cannot read allow-list: {exc.strerror}") from None
+    return parse_allowlist(data, str(path))
+
+
+def _signature(path: Path) -> tuple[int, int, int, int] | None:
+    # mtime_ns, size and inode together also catch a file replaced within the same mtime second.
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+class AllowListHolder:
+    """Holds the current allow-list and reloads it when the file changes (parse a copy, then swap)."""
+
+    def __init__(self, path: Path, poll_interval: float) -> None:
+        self.path = path
+        self.poll_interval = poll_interval
+        self._signature = _signature(path)
+        self.current = load_allowlist(path)
+        self.last_error: str | None = None
+        self.pending = False
+
+    def check(self) -> bool:
+        """Reload if the file changed; return True if a new list is now in force."""
+        signature = _signature(self.path)
+        if signature == self._signature:
+            return False
+        if signature is not None and time.time_ns() - signature[0] < SETTLE_NS:
+            # Still being written (truncate-then-write): read it once it has settled, so no
+            # request ever sees a half-written list.
+            self.pending = True
+            return False
+        self.pending = False
+        self._signature = signature
+        try:
+            fresh = load_allowlist(self.path)
+        except AllowListError as exc:
+            if str(exc) != self.last_error:
+                log.error("allow-list not reloaded, previous list (%d keys) stays in force: %s",
+                          len(self.current), exc)
+            self.last_error = str(exc)
+            return False
+        # A write seen half-way (truncate-then-write) changes the signature again when it ends,
+        # so the next poll parses the finished file.
+        self.current, self.last_error = fresh, None
+        log.info("allow-list reloaded from %s: %d keys", self.path, len(fresh))
+        return True
+
+    async def poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SETTLE_NS / 1e9 if self.pending else self.poll_interval)
+            try:
+                self.check()
+            except Exception:  # never let the poller die: the gate keeps the last good list
+                log.exception("allow-list poll failed")

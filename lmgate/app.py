@@ -1,0 +1,228 @@
+"""The sidecar: an aiohttp app that answers nginx's /auth subrequests and takes /stats reports.
+
+Endpoints (never exposed through nginx's public port):
+- GET  /auth    yes/no for the key in the original request's headers; 200 carries X-LMGate-ID.
+- POST /stats   queue the njs body filter's capture; 204 at once, parsing happens off the request path.
+- GET  /livez   the process answers.
+- GET  /readyz  the allow-list is loaded and the stats file's folder is writable.
+Plus a UDP listener for nginx's fallback access-log lines (see records.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import AsyncIterator
+from urllib.parse import quote
+
+from aiohttp import web
+
+from lmgate import records
+from lmgate.allowlist import AllowListHolder, mask_key
+from lmgate.keys import KeyProblem, extract_key
+from lmgate.settings import Settings
+from lmgate.writer import StatsWriter
+
+log = logging.getLogger("lmgate.sidecar")
+
+SETTINGS = web.AppKey("settings", Settings)
+ALLOWLIST = web.AppKey("allowlist", AllowListHolder)
+WRITER = web.AppKey("writer", StatsWriter)
+
+# How many queued reports the worker turns into records before yielding to the event loop.
+BATCH = 256
+# Header through which nginx hands the original request's query string to /auth.
+QUERY_HEADER = "X-LMGate-Query"
+
+
+class ReportQueue:
+    """Bounded queue of raw reports; never blocks the caller, counts what it had to drop."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[tuple[str, str, bytes, float]] = asyncio.Queue(size)
+        self.dropped = 0
+        self._last_drop_log = 0.0
+
+    def put(self, kind: str, query: str, body: bytes) -> None:
+        try:
+            self.queue.put_nowait((kind, query, body, time.time()))
+        except asyncio.QueueFull:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= 10:
+                log.error("stats queue full (%d): %d reports dropped so far", self.queue.maxsize, self.dropped)
+                self._last_drop_log = now
+
+
+REPORTS = web.AppKey("reports", ReportQueue)
+
+
+async def auth(request: web.Request) -> web.Response:
+    # The answer has no body: nginx never reads an auth subrequest's body, and one would cost it
+    # its keepalive connection to the sidecar.
+    try:
+        key = extract_key(request.headers, request.headers.get(QUERY_HEADER, ""))
+    except KeyProblem as problem:
+        return web.Response(status=403, headers={"X-LMGate-Reason": str(problem)})
+    entry = request.app[ALLOWLIST].current.lookup(key)
+    masked = mask_key(key)
+    if entry is None:
+        return web.Response(status=403, headers={"X-LMGate-Key": quote(masked, safe=""),
+                                                 "X-LMGate-Reason": "key not on the allow-list"})
+    return web.Response(status=200, headers={
+        "X-LMGate-ID": quote(entry.id, safe=""),
+        "X-LMGate-Owner": quote(entry.owner, safe=""),
+        "X-LMGate-Key": quote(masked, safe=""),
+    })
+
+
+async def stats(request: web.Request) -> web.Response:
+    body = await request.read()
+    request.app[REPORTS].put("capture", request.rel_url.raw_query_string, body)
+    return web.Response(status=204)
+
+
+async def livez(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    problems = []
+    holder = app[ALLOWLIST]
+    if holder.last_error:
+        problems.append(f"allow-list: {holder.last_error} (previous list in force)")
+    writer = app[WRITER]
+    folder = writer.path.parent
+    if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
+        problems.append(f"stats: {folder} is not writable")
+    if writer.last_error:
+        problems.append(f"stats: {writer.last_error}")
+    body = {"ready": not problems, "allowlist_keys": len(holder.current),
+            "stats_buffered": writer.buffered, "stats_written": writer.written,
+            "reports_dropped": app[REPORTS].dropped, "problems": problems}
+    return web.json_response(body, status=503 if problems else 200)
+
+
+def _to_record(kind: str, query: str, body: bytes, received_at: float) -> dict | None:
+    if kind == "capture":
+        return records.from_capture(query, body, received_at)
+    return records.from_fallback(body, received_at)
+
+
+async def _work(app: web.Application) -> None:
+    queue = app[REPORTS].queue
+    writer = app[WRITER]
+    while True:
+        item = await queue.get()
+        for _ in range(BATCH):
+            try:
+                record = _to_record(*item)
+            except Exception:  # a report we cannot read must not stop the others
+                log.exception("could not turn a %s report into a record", item[0])
+                record = None
+            if record is not None:
+                writer.add(record)
+            if queue.empty():
+                break
+            item = queue.get_nowait()
+        await asyncio.sleep(0)
+
+
+def drain(app: web.Application) -> None:
+    """Turn every queued report into a record (used at shutdown)."""
+    queue = app[REPORTS].queue
+    while not queue.empty():
+        try:
+            record = _to_record(*queue.get_nowait())
+        except Exception:
+            log.exception("could not turn a report into a record")
+            continue
+        if record is not None:
+            app[WRITER].add(record)
+
+
+class _FallbackProtocol(asyncio.DatagramProtocol):
+    def __init__(self, reports: ReportQueue) -> None:
+        self.reports = reports
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self.reports.put("fallback", "", data)
+
+
+async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS].stats
+    writer = StatsWriter(s.output_path, s.rotate_bytes, s.flush_interval_seconds)
+    app[WRITER] = writer
+    task = asyncio.create_task(writer.flush_forever())
+    yield
+    task.cancel()
+    if not writer.flush():
+        log.error("%d stats records could not be written at shutdown", writer.buffered)
+
+
+async def allowlist_ctx(app: web.Application) -> AsyncIterator[None]:
+    holder = app[ALLOWLIST]
+    task = asyncio.create_task(holder.poll_forever())
+    yield
+    task.cancel()
+
+
+async def reports_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[REPORTS] = ReportQueue(app[SETTINGS].stats.queue_size)
+    task = asyncio.create_task(_work(app))
+    yield
+    task.cancel()
+    drain(app)
+
+
+async def fallback_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS].server
+    sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_DGRAM)
+    # A generous receive buffer rides out bursts of fallback lines while the loop is busy.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind((s.host, s.fallback_port))
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: _FallbackProtocol(app[REPORTS]), sock=sock)
+    yield
+    transport.close()
+
+
+def create_app(settings: Settings, holder: AllowListHolder | None = None, *,
+               listen_fallback: bool = True) -> web.Application:
+    """Build the sidecar app. `holder` is loaded here unless given (tests pass one)."""
+    app = web.Application(client_max_size=_capture_limit(settings))
+    app[SETTINGS] = settings
+    app[ALLOWLIST] = holder or AllowListHolder(settings.auth.allowlist_path,
+                                               settings.auth.poll_interval_seconds)
+    # Order matters for shutdown (cleanup runs in reverse): the queue drains into the writer,
+    # then the writer flushes.
+    app.cleanup_ctx.append(writer_ctx)
+    app.cleanup_ctx.append(allowlist_ctx)
+    app.cleanup_ctx.append(reports_ctx)
+    if listen_fallback:
+        app.cleanup_ctx.append(fallback_ctx)
+    app.router.add_get("/auth", auth)
+    app.router.add_post("/stats", stats)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def _capture_limit(settings: Settings) -> int:
+    return settings.stats.capture_head_bytes + settings.stats.capture_tail_bytes + 4096
+
+
+def serve(settings: Settings) -> None:
+    """Run the sidecar until SIGTERM/SIGINT; buffered records are written before exit."""
+    app = create_app(settings)
+    log.info("sidecar listening on %s:%d (fallback udp %d), allow-list %s (%d keys), stats %s",
+             settings.server.host, settings.server.port, settings.server.fallback_port,
+             settings.auth.allowlist_path, len(app[ALLOWLIST].current), settings.stats.output_path)
+    web.run_app(app, host=settings.server.host, port=settings.server.port, print=None,
+                access_log=None, handle_signals=True, shutdown_timeout=5,
+                reuse_address=True)
+

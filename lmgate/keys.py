@@ -1,0 +1,40 @@
+"""Finding the caller's API key in a request, the way each provider's SDK sends it."""
+
+from __future__ import annotations
+
+from typing import Mapping
+from urllib.parse import parse_qsl
+
+
+class KeyProblem(Exception):
+    """The request carries no usable key; the message says why (safe to show: it holds no key)."""
+
+
+def extract_key(headers: Mapping[str, str], query: str) -> str:
+    """Return the single API key the request carries, or raise KeyProblem.
+
+    Looked for, in this order: `Authorization: Bearer`, `x-api-key`, `x-goog-api-key`, the `key`
+    query parameter. A request carrying two different keys is refused: the gate must approve exactly
+    the credential the provider will bill, whichever of them the provider reads.
+    """
+    found: list[str] = []
+    authorization = headers.get("Authorization")
+    if authorization is not None:
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or " " in token:
+            raise KeyProblem("the Authorization header must be 'Bearer <key>'")
+        found.append(token)
+    for name in ("x-api-key", "x-goog-api-key"):
+        value = headers.get(name)
+        if value is not None:
+            found.append(value.strip())
+    if query and "key=" in query:
+        found.extend(v for k, v in parse_qsl(query, keep_blank_values=True) if k == "key")
+    keys = set(found)
+    keys.discard("")
+    if not keys:
+        raise KeyProblem("no API key in the request")
+    if len(keys) > 1:
+        raise KeyProblem("the request carries more than one different API key")
+    return keys.pop()

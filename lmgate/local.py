@@ -1,0 +1,205 @@
+"""Running the processes: nginx in the foreground (with its log lines redacted), and `lmgate up`,
+which supervises the sidecar and nginx together on one machine.
+
+The container runs the same pieces: its nginx service runs `lmgate nginx` (NginxProcess below)
+and its sidecar service runs `lmgate serve`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from lmgate.allowlist import AllowListError, load_allowlist
+from lmgate.nginx_conf import RenderError, find_nginx, write_config
+from lmgate.settings import Settings
+
+log = logging.getLogger("lmgate.up")
+
+# nginx writes the request line into some error messages; a `key=` query parameter there is a key.
+_KEY_IN_QUERY = re.compile(r"([?&]key=)([^&\s\"]+)")
+SIDECAR_START_SECONDS = 15
+RESTART_BACKOFF_SECONDS = (0.2, 0.5, 1, 2, 5)
+
+
+class StartError(Exception):
+    """LMGate cannot start; one line with the reason (and a hint)."""
+
+
+def redact(line: str) -> str:
+    return _KEY_IN_QUERY.sub(lambda m: m.group(1) + "..." + m.group(2)[-6:] if len(m.group(2)) > 12
+                             else m.group(1) + "...", line)
+
+
+def _pump(stream, prefix: str) -> None:
+    for raw in iter(stream.readline, b""):
+        sys.stderr.write(prefix + redact(raw.decode("utf-8", "replace")))
+        sys.stderr.flush()
+
+
+class NginxProcess:
+    """nginx with LMGate's rendered config, in the foreground, its stderr redacted onto ours."""
+
+    def __init__(self, settings: Settings, runtime_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
+        self.binary = find_nginx(settings.proxy.nginx_binary)
+        self.conf = write_config(settings, self.runtime_dir / "nginx.conf", self.runtime_dir)
+        self.proc: subprocess.Popen | None = None
+
+    def _cmd(self, *extra: str) -> list[str]:
+        return [str(self.binary), "-p", str(self.runtime_dir), "-c", str(self.conf), *extra]
+
+    def check(self) -> None:
+        result = subprocess.run(self._cmd("-t", "-q"), capture_output=True, text=True)
+        if result.returncode != 0:
+            detail = redact(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "")
+            raise StartError(f"nginx rejected the rendered config {self.conf}: {detail}")
+
+    def start(self) -> None:
+        # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops nginx
+        # gracefully (nginx takes SIGINT as "stop now").
+        self.proc = subprocess.Popen(self._cmd(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        threading.Thread(target=_pump, args=(self.proc.stdout, "nginx: "), daemon=True).start()
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: finish in-flight requests
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_nginx(settings: Settings) -> int:
+    """`lmgate nginx`: render, check and run nginx until SIGTERM/SIGINT/SIGQUIT."""
+    nginx = NginxProcess(settings)
+    nginx.check()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, lambda *_: stop.set())
+    nginx.start()
+    log.info("nginx listening on %s:%d", settings.proxy.host, settings.proxy.port)
+    while not stop.wait(0.5):
+        if nginx.proc.poll() is not None:
+            log.error("nginx exited with code %s", nginx.proc.returncode)
+            return 1
+    nginx.stop()
+    return 0
+
+
+def port_in_use(host: str, port: int, kind: int = socket.SOCK_STREAM) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class Up:
+    """`lmgate up`: the sidecar and nginx together, in the foreground."""
+
+    def __init__(self, settings: Settings, config_path: Path) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.sidecar: subprocess.Popen | None = None
+        self.nginx: NginxProcess | None = None
+        self.stopping = threading.Event()
+
+    def preflight(self) -> None:
+        s = self.settings
+        try:
+            load_allowlist(s.auth.allowlist_path)
+        except AllowListError as exc:
+            raise StartError(str(exc)) from None
+        for what, host, port, kind in (
+                ("proxy.port", s.proxy.host, s.proxy.port, socket.SOCK_STREAM),
+                ("server.port", s.server.host, s.server.port, socket.SOCK_STREAM),
+                ("server.fallback_port", s.server.host, s.server.fallback_port, socket.SOCK_DGRAM)):
+            if port_in_use(host, port, kind):
+                raise StartError(f"port {port} on {host} ({what}) is already in use; stop what uses it "
+                                 f"or set LMGATE_{what.upper().replace('.', '__')}")
+        try:
+            self.nginx = NginxProcess(s)
+        except RenderError as exc:
+            raise StartError(str(exc)) from None
+        self.nginx.check()
+
+    def _start_sidecar(self) -> None:
+        cmd = [sys.executable, "-m", "lmgate", "serve", "--config", str(self.config_path)]
+        self.sidecar = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        url = f"http://{self.settings.server.reachable_host}:{self.settings.server.port}/livez"
+        deadline = time.monotonic() + SIDECAR_START_SECONDS
+        while time.monotonic() < deadline:
+            if self.sidecar.poll() is not None:
+                raise StartError(f"the sidecar exited with code {self.sidecar.returncode} while starting "
+                                 f"(see its message above)")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise StartError(f"the sidecar did not answer on {url} within {SIDECAR_START_SECONDS}s")
+
+    def run(self) -> int:
+        self.preflight()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        try:
+            self._start_sidecar()
+            self.nginx.start()
+            log.info("LMGate is up: clients use http://%s:%d/<provider>/... (sidecar %s:%d)",
+                     self.settings.proxy.host, self.settings.proxy.port,
+                     self.settings.server.host, self.settings.server.port)
+            return self._supervise()
+        finally:
+            self._stop()
+
+    def _supervise(self) -> int:
+        restarts = 0
+        while not self.stopping.wait(0.2):
+            if self.nginx.proc.poll() is not None:
+                log.error("nginx exited with code %s; stopping", self.nginx.proc.returncode)
+                return 1
+            if self.sidecar.poll() is not None:
+                # nginx fails closed (403) meanwhile; bring the sidecar back.
+                delay = RESTART_BACKOFF_SECONDS[min(restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
+                log.error("the sidecar exited with code %s; restarting it in %gs",
+                          self.sidecar.returncode, delay)
+                if self.stopping.wait(delay):
+                    break
+                try:
+                    self._start_sidecar()
+                    log.info("the sidecar is back")
+                    restarts = 0
+                except StartError as exc:
+                    log.error("%s", exc)
+                    restarts += 1
+        return 0
+
+    def _stop(self) -> None:
+        if self.nginx is not None:
+            self.nginx.stop()
+        if self.sidecar is not None and self.sidecar.poll() is None:
+            self.sidecar.send_signal(signal.SIGTERM)  # flushes buffered stats
+            try:
+                self.sidecar.wait(15)
+            except subprocess.TimeoutExpired:
+                self.sidecar.kill()
+                self.sidecar.wait()
+        log.info("LMGate stopped")
+

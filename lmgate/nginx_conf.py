@@ -1,0 +1,176 @@
+"""Render nginx.conf from the settings: nginx/nginx.conf.template + one provider block per provider.
+
+The same function renders the config for `lmgate up`, the container's nginx entrypoint and the
+tests, so what is tested is what ships.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from lmgate.providers import PROVIDERS, error_body
+from lmgate.settings import Settings
+
+NGINX_DIR = Path(__file__).resolve().parent.parent / "nginx"
+# nginx's njs module, where Debian, the nginx.org packages and source builds put it.
+NJS_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/nginx/modules",
+                   "/usr/local/nginx/modules", "/usr/lib64/nginx/modules")
+NJS_MODULE_NAME = "ngx_http_js_module.so"
+NGINX_BINARY_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin")
+
+INSTALL_HINT = "install it with: sudo apt-get install nginx-light libnginx-mod-http-js (or run scripts/setup.sh)"
+# Headers that only LMGate may set; a client's copies are dropped before the provider sees them.
+LMGATE_HEADERS = ("X-LMGate-ID", "X-LMGate-Owner", "X-LMGate-Key", "X-LMGate-Query", "X-LMGate-Reason")
+
+
+class RenderError(Exception):
+    """The config cannot be rendered; one line with the reason and a hint."""
+
+
+def find_nginx(setting: str) -> Path:
+    if setting != "auto":
+        path = Path(setting)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise RenderError(f"proxy.nginx_binary: {setting} is not an executable file")
+        return path
+    found = shutil.which("nginx")
+    if found:
+        return Path(found)
+    for folder in NGINX_BINARY_DIRS:
+        candidate = Path(folder) / "nginx"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise RenderError(f"nginx not found; {INSTALL_HINT}")
+
+
+def find_njs_module(setting: str) -> Path | None:
+    """The njs module to load, or None when nginx has it built in (setting "builtin")."""
+    if setting == "builtin":
+        return None
+    if setting != "auto":
+        path = Path(setting)
+        if not path.is_file():
+            raise RenderError(f"proxy.njs_module: {setting} does not exist")
+        return path
+    for folder in NJS_MODULE_DIRS:
+        candidate = Path(folder) / NJS_MODULE_NAME
+        if candidate.is_file():
+            return candidate
+    raise RenderError(f"the nginx njs module ({NJS_MODULE_NAME}) was not found; {INSTALL_HINT}")
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise RenderError(f"template placeholder @@{name}@@ has no value")  # a bug here
+        return values[name]
+    return re.sub(r"@@([A-Z_]+)@@", replace, template)
+
+
+def _nginx_string(text: str) -> str:
+    """Quote-safe text for a single-quoted nginx string."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _seconds(value: float) -> str:
+    return f"{int(value * 1000)}ms"
+
+
+def _fallback_log(settings: Settings) -> str:
+    s = settings.server
+    host = s.reachable_host
+    host = f"[{host}]" if ":" in host else host
+    return f"syslog:server={host}:{s.fallback_port},tag=lmgate,nohostname"
+
+
+def _provider_block(template: str, name: str, upstream: str, settings: Settings) -> str:
+    api = PROVIDERS[name].api
+    url = urlsplit(upstream)
+    default_port = 443 if url.scheme == "https" else 80
+    port = url.port or default_port
+    host_header = url.hostname if port == default_port else f"{url.hostname}:{port}"
+    messages = {
+        "DENIED_BODY": (403, "LMGate refused this API key: it is missing or not on the gateway's allow-list.",
+                        "lmgate_forbidden"),
+        "UNAVAILABLE_BODY": (403, "LMGate could not check this API key (its auth sidecar is unreachable); "
+                                  "the call was refused.", "lmgate_gate_unavailable"),
+        "BAD_GATEWAY_BODY": (502, f"LMGate could not reach the {name} upstream.", "lmgate_upstream_unreachable"),
+        "TIMEOUT_BODY": (504, f"LMGate timed out waiting for the {name} upstream.", "lmgate_upstream_timeout"),
+        "TOO_LARGE_BODY": (413, f"LMGate refused the request: the body is larger than "
+                                f"{settings.proxy.max_body_size}.", "lmgate_request_too_large"),
+        "BAD_PATH_BODY": (400, "LMGate refused the request: the path must start with /<provider>/ as sent, "
+                               "without '..' or '//' tricks.", "lmgate_bad_path"),
+    }
+    values = {key: _nginx_string(error_body(api, status, message, kind))
+              for key, (status, message, kind) in messages.items()}
+    values.update({
+        "NAME": name,
+        "UPSTREAM_URL": upstream.rstrip("/"),
+        "UPSTREAM_SCHEME": url.scheme,
+        "UPSTREAM_PATH": url.path.rstrip("/"),
+        "UPSTREAM_HOST": url.hostname or "",
+        "UPSTREAM_HOST_HEADER": host_header,
+        "CA_BUNDLE": str(settings.proxy.ca_bundle),
+        "UPSTREAM_CONNECT_TIMEOUT": _seconds(settings.proxy.upstream_connect_timeout_seconds),
+        "UPSTREAM_READ_TIMEOUT": _seconds(settings.proxy.upstream_read_timeout_seconds),
+        "FALLBACK_LOG": _fallback_log(settings),
+        "DROP_HEADERS": "\n".join(f'            proxy_set_header {h} "";' for h in LMGATE_HEADERS),
+    })
+    return _fill(template, values)
+
+
+def _upstream_block(name: str, upstream: str) -> str:
+    url = urlsplit(upstream)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    host = f"[{url.hostname}]" if ":" in (url.hostname or "") else url.hostname
+    return (f"    upstream lmgate_up_{name} {{\n"
+            f"        server {host}:{port};\n"
+            f"        keepalive 128;\n"
+            f"    }}\n")
+
+
+def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path | None | str = "auto") -> str:
+    """The complete nginx.conf text. `njs_module` "auto" resolves the proxy.njs_module setting."""
+    runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
+    module = find_njs_module(settings.proxy.njs_module) if njs_module == "auto" else njs_module
+    provider_template = (NGINX_DIR / "provider.conf.template").read_text()
+    host = settings.proxy.host
+    listen = f"[{host}]:{settings.proxy.port}" if ":" in host else f"{host}:{settings.proxy.port}"
+    sidecar = settings.server.reachable_host
+    sidecar = f"[{sidecar}]" if ":" in sidecar else sidecar
+    values = {
+        "LOAD_MODULE": f"load_module {module};" if module else "# njs is built into this nginx",
+        "WORKER_PROCESSES": settings.proxy.worker_processes,
+        "RUNTIME_DIR": str(runtime_dir),
+        "ERROR_LOG_LEVEL": "info" if settings.logging.level.lower() == "debug" else "warn",
+        "MAX_BODY_SIZE": settings.proxy.max_body_size,
+        "MAX_HEADER_SIZE": settings.proxy.max_header_size,
+        "NJS_SCRIPT": str(NGINX_DIR / "lmgate.js"),
+        "CAPTURE_HEAD_BYTES": str(settings.stats.capture_head_bytes),
+        "CAPTURE_TAIL_BYTES": str(settings.stats.capture_tail_bytes),
+        "SIDECAR_ADDRESS": f"{sidecar}:{settings.server.port}",
+        "AUTH_TIMEOUT": f"{settings.server.auth_timeout_ms}ms",
+        "LISTEN": listen,
+        "PROVIDER_LIST": ", ".join(settings.providers),
+        "UPSTREAMS": "".join(_upstream_block(n, p.upstream) for n, p in settings.providers.items()),
+        "PROVIDER_LOCATIONS": "".join(_provider_block(provider_template, n, p.upstream, settings)
+                                      for n, p in settings.providers.items()),
+    }
+    return _fill((NGINX_DIR / "nginx.conf.template").read_text(), values)
+
+
+def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None) -> Path:
+    """Render to `out` (atomically) and create the runtime folders nginx needs."""
+    runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    text = render(settings, runtime_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,46 @@
+"""Provider facts, in one place: URL prefix, response format and error shape.
+
+The upstream URLs are configuration (config/lmgate.yaml); which token fields each format reports is
+in lmgate/usage.py, keyed by the `api` named here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str  # also the URL prefix: /<name>/...
+    api: str   # response format: "openai", "anthropic" or "google"
+    description: str
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        Provider("openai", "openai", "OpenAI API"),
+        Provider("anthropic", "anthropic", "Anthropic API"),
+        Provider("google", "google", "Google Vertex AI"),
+        Provider("gemini", "google", "Google Gemini API"),
+    )
+}
+
+
+def error_body(api: str, status: int, message: str, kind: str) -> str:
+    """A JSON error in the provider's own shape, so each SDK raises its usual exception.
+
+    `kind` is a short machine word (e.g. "lmgate_forbidden") put where the format has a type/code.
+    """
+    if api == "anthropic":
+        anthropic_type = {403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                          400: "invalid_request_error", 504: "timeout_error"}.get(status, "api_error")
+        body = {"type": "error", "error": {"type": anthropic_type, "message": message}}
+    elif api == "google":
+        google_status = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                         413: "INVALID_ARGUMENT", 502: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+        body = {"error": {"code": status, "message": message, "status": google_status.get(status, "INTERNAL")}}
+    else:
+        body = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+    return json.dumps(body, separators=(",", ":"))

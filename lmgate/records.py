@@ -1,0 +1,155 @@
+"""Turning what nginx sends into usage records.
+
+Two sources feed the same record shape:
+- a capture report: the njs body filter's POST /stats when a response body completed; query
+  string = metadata, body = the head and tail of the response body;
+- a fallback line: nginx's access log (over UDP syslog) for calls whose body filter never finished
+  (client disconnects, denied calls, upstream failures, header-only answers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from lmgate.providers import PROVIDERS
+from lmgate.usage import Usage, extract_usage
+
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                "reasoning_tokens", "total_tokens")
+
+# Words nginx sets in $lmgate_error for answers it generated itself.
+NGINX_ERRORS = frozenset({"forbidden", "gate_unavailable", "upstream_unreachable"})
+
+
+def iso_utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+def _int(value: str | None, default: int = 0) -> int:
+    try:
+        return int(value) if value else default
+    except ValueError:
+        return default
+
+
+def _float(value: str | None) -> float:
+    try:
+        return float(value) if value else 0.0
+    except ValueError:
+        return 0.0
+
+
+def classify(status: int, nginx_error: str | None, usage_problem: str | None) -> str | None:
+    if nginx_error in NGINX_ERRORS:
+        return nginx_error
+    if status == 499:
+        return "client_closed"
+    if status == 429:
+        return "rate_limited"
+    if status >= 400:
+        return "upstream_error"
+    return usage_problem
+
+
+def _record(meta: dict[str, str], status: int, usage: Usage, error_type: str | None,
+            ended_at: float, duration: float, api: str) -> dict[str, Any]:
+    path = meta.get("u", "").split("?", 1)[0]
+    return {
+        "timestamp": iso_utc(ended_at - duration),
+        "request_id": meta.get("rid") or None,
+        "lmgate_id": unquote(meta.get("id", "")) or None,
+        "owner": unquote(meta.get("own", "")) or None,
+        "provider": meta.get("p") or None,
+        "api_format": api,
+        "method": meta.get("m") or None,
+        "endpoint": path,
+        "model": usage.model,
+        "stream": usage.stream,
+        "status": status,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_tokens": usage.cache_read_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "total_tokens": usage.total_tokens,
+        "duration_ms": round(duration * 1000, 3),
+        "response_bytes": _int(meta.get("n")),
+        "masked_key": unquote(meta.get("mk", "")) or None,
+        "error_type": error_type,
+    }
+
+
+def _provider_path(endpoint: str, provider: str) -> str:
+    prefix = "/" + provider
+    return endpoint[len(prefix):] if endpoint.startswith(prefix + "/") else endpoint
+
+
+def _api_for(provider: str, provider_path: str) -> str:
+    p = PROVIDERS.get(provider)
+    if p is None:
+        return "openai"
+    # Claude on Vertex AI answers in Anthropic's format through the google prefix.
+    if p.api == "google" and "/publishers/anthropic/" in provider_path:
+        return "anthropic"
+    return p.api
+
+
+def _model_from_path(provider_path: str) -> str | None:
+    # With no response body to read, Google's path is the only place naming the model:
+    # .../models/<model>:<method>
+    marker = provider_path.find("/models/")
+    if marker < 0:
+        return None
+    model = provider_path[marker + 8:].split(":", 1)[0].split("/", 1)[0]
+    return unquote(model) or None
+
+
+def from_capture(query: str, body: bytes, received_at: float) -> dict[str, Any]:
+    """Record for a completed response, from the njs body filter's report."""
+    meta = dict(parse_qsl(query, keep_blank_values=True))
+    provider = meta.get("p", "")
+    endpoint = meta.get("u", "").split("?", 1)[0]
+    provider_path = _provider_path(endpoint, provider)
+    status = _int(meta.get("s"))
+    total = _int(meta.get("n"), len(body))
+    head_len = min(_int(meta.get("h"), len(body)), len(body))
+    if total <= len(body):
+        head, tail = body, None
+    else:
+        head, tail = body[:head_len], body[head_len:]
+    api = _api_for(provider, provider_path)
+    usage = extract_usage(api, provider_path, status, unquote(meta.get("ct", "")), head, tail)
+    ended_at = _float(meta.get("ts")) or received_at
+    return _record(meta, status, usage, classify(status, None, usage.problem), ended_at,
+                   _float(meta.get("t")), api)
+
+
+def from_fallback(line: bytes, received_at: float) -> dict[str, Any] | None:
+    """Record for a call whose body never completed, from nginx's access log line (syslog)."""
+    start = line.find(b"{")
+    if start < 0:
+        return None
+    try:
+        meta = json.loads(line[start:].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    if not isinstance(meta, dict):
+        return None
+    meta = {str(k): str(v) for k, v in meta.items()}
+    provider = meta.get("p", "")
+    endpoint = meta.get("u", "").split("?", 1)[0]
+    provider_path = _provider_path(endpoint, provider)
+    status = _int(meta.get("s"))
+    nginx_error = meta.get("err") or None
+    if nginx_error not in NGINX_ERRORS and meta.get("done") != "OK":
+        # The client went away before the response was complete; nginx may still say 200.
+        status = 499
+    usage = Usage(model=_model_from_path(provider_path) if status < 400 or status == 499 else None,
+                  stream=":stream" in provider_path or "event-stream" in meta.get("ct", ""))
+    ended_at = _float(meta.get("ts")) or received_at
+    return _record(meta, status, usage, classify(status, nginx_error, None), ended_at,
+                   _float(meta.get("t")), _api_for(provider, provider_path))
+

@@ -1,0 +1,112 @@
+"""Buffered, size-rotated JSON Lines writer for usage records.
+
+Records are appended to an in-memory buffer and written every `flush_interval` seconds (and on
+shutdown). If the disk write fails (permissions, disk full) the records stay buffered, the error is
+logged once per interval, and the next flush tries again: writing resumes by itself. Past
+`rotate_bytes` the file is renamed to `<stem>.<UTC timestamp><suffix>` (never overwriting) first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lmgate.stats")
+
+# Bound on records held while the disk refuses writes; past it the oldest are dropped and counted.
+MAX_BUFFERED_RECORDS = 1_000_000
+
+
+def rotated_name(path: Path, when: float | None = None) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if when is None else when))
+    candidate = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    counter = 0
+    while candidate.exists():
+        counter += 1
+        candidate = path.with_name(f"{path.stem}.{stamp}-{counter}{path.suffix}")
+    return candidate
+
+
+class StatsWriter:
+    def __init__(self, path: Path, rotate_bytes: int, flush_interval: float) -> None:
+        self.path = path
+        self.rotate_bytes = rotate_bytes
+        self.flush_interval = flush_interval
+        self._lines: list[bytes] = []
+        self.written = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._last_error_logged = 0.0
+
+    def add(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+        self._lines.append(line)
+        if len(self._lines) > MAX_BUFFERED_RECORDS:
+            del self._lines[0]
+            self.dropped += 1
+
+    @property
+    def buffered(self) -> int:
+        return len(self._lines)
+
+    def flush(self) -> bool:
+        """Write everything buffered; return False (and keep the records) if the disk refused."""
+        if not self._lines:
+            return True
+        data = b"".join(self._lines)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._rotate_if_needed(len(data))
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                start = os.fstat(fd).st_size
+                try:
+                    written = 0
+                    while written < len(data):
+                        written += os.write(fd, data[written:])
+                except OSError:
+                    # Undo a partial batch so the retry neither tears a line nor doubles records.
+                    os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._log_error(f"cannot write stats to {self.path}: {exc.strerror or exc}")
+            return False
+        self.written += len(self._lines)
+        self._lines = []
+        if self.last_error:
+            log.info("stats writing resumed: %s", self.path)
+            self.last_error = None
+        return True
+
+    def _rotate_if_needed(self, incoming: int) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size and size + incoming > self.rotate_bytes:
+            target = rotated_name(self.path)
+            os.rename(self.path, target)
+            log.info("stats rotated to %s", target)
+
+    def _log_error(self, message: str) -> None:
+        now = time.monotonic()
+        if message != self.last_error or now - self._last_error_logged >= self.flush_interval:
+            log.error("%s (%d records kept in memory, retrying every %gs)", message,
+                      len(self._lines), self.flush_interval)
+            self._last_error_logged = now
+        self.last_error = message
+
+    async def flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                self.flush()
+            except Exception:  # the flusher must outlive any surprise
+                log.exception("stats flush failed")
