@@ -1,0 +1,320 @@
+"""Token and model extraction from a captured provider response body.
+
+nginx hands over either the whole body (``tail is None``) or its first bytes
+(head) and last bytes (tail) with an unknown gap between them. Three body
+shapes occur: one JSON document, an SSE stream (LF or CRLF line endings) and
+Gemini's JSON-array stream (``:streamGenerateContent`` without ``alt=sse``).
+
+Nothing is guessed: a count the provider did not report stays None. The
+extractor never raises; this runs once per proxied call and must not break
+accounting on odd bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+__all__ = ["CAPTURE_TRUNCATED", "USAGE_MISSING", "Usage", "extract_usage"]
+
+USAGE_MISSING = "usage_missing"
+CAPTURE_TRUNCATED = "capture_truncated"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    total_tokens: int | None = None
+    # Streamed: SSE content type, or a Google :streamGenerateContent / :streamRawPredict path.
+    stream: bool = False
+    # None, USAGE_MISSING (a 2xx generation reported no usage) or CAPTURE_TRUNCATED
+    # (the usage may have been in the part of the body that was not captured).
+    problem: str | None = None
+
+
+# A unit is one JSON document of the body: an SSE event's data (bytes, parsed
+# only when a cheap regex says it may hold what we look for) or an already
+# parsed object (a whole JSON body, or an element of Gemini's array stream).
+Unit = bytes | dict
+Counts = dict[str, int | None]
+
+_JSON_START = re.compile(rb"\s*[\[{]")
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')            # skips OpenAI's `"usage":null` chunks
+_USAGE_OR_MODEL = re.compile(rb'"(?:usage|model)"')
+_MODEL = re.compile(rb'"model"')
+_USAGE_METADATA = re.compile(rb'"usageMetadata"\s*:\s*\{')
+_MODEL_VERSION = re.compile(rb'"modelVersion"')
+_PATH_MODEL = re.compile(r"/models/([^/:]+):")     # Google style: .../models/<model>:<method>
+_DECODER = json.JSONDecoder()
+
+_OPENAI_GENERATION = ("/chat/completions", "/completions", "/responses", "/embeddings")
+_GOOGLE_GENERATION = {"generateContent", "streamGenerateContent", "rawPredict", "streamRawPredict"}
+_GOOGLE_STREAM = {"streamGenerateContent", "streamRawPredict"}
+
+
+# ---------------------------------------------------------------- value helpers
+
+def _int(value: object) -> int | None:
+    """A token count, or None for anything that is not a non-negative int (bools included)."""
+    return value if type(value) is int and value >= 0 else None
+
+
+def _count(usage: dict, key: str) -> int | None:
+    """Main input/output counts: 0 when the usage object omits the key (embeddings, Gemini zeros)."""
+    return 0 if key not in usage else _int(usage[key])
+
+
+def _sub(usage: dict, key: str, inner: str) -> int | None:
+    details = usage.get(key)
+    return _int(details.get(inner)) if isinstance(details, dict) else None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+# ------------------------------------------------------------- body splitting
+
+def _load(unit: Unit, needle: re.Pattern[bytes]) -> dict | None:
+    """Parse a unit when the needle occurs in it; None when absent or not a JSON object."""
+    if isinstance(unit, dict):
+        return unit
+    if needle.search(unit) is None:
+        return None
+    try:
+        doc = json.loads(unit.decode("utf-8", "replace"))
+    except Exception:  # ValueError, and RecursionError on absurd nesting
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _sse_events(buf: bytes) -> list[bytes]:
+    """Data of each SSE event; bytes.splitlines() splits on LF, CRLF and CR as SSE requires."""
+    events: list[bytes] = []
+    data: list[bytes] = []
+    for line in buf.splitlines():
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif not line and data:
+            events.append(b"\n".join(data))
+            data = []
+    if data:
+        events.append(b"\n".join(data))
+    return events
+
+
+def _split(head: bytes, tail: bytes | None) -> tuple[list[Unit], bool]:
+    """Cut the capture into units.
+
+    Returns (units, lost): lost means the units may lack the part of the body
+    that carries the usage, so the caller falls back to key scanning.
+    """
+    if _JSON_START.match(head):
+        if tail is not None:
+            return [], True              # a JSON document cut in the middle cannot be parsed
+        try:
+            doc = json.loads(head.decode("utf-8", "replace"))
+        except Exception:
+            return [], True              # e.g. a Gemini array stream that ended early
+        docs = doc if isinstance(doc, list) else [doc]
+        return [d for d in docs if isinstance(d, dict)], False
+    if tail is None:
+        return _sse_events(head), False
+    # Drop the partial line at the end of the head and at the start of the tail.
+    head = head[: max(head.rfind(b"\n"), head.rfind(b"\r")) + 1]
+    ends = [i for i in (tail.find(b"\n"), tail.find(b"\r")) if i >= 0]
+    tail_events = _sse_events(tail[min(ends) + 1:]) if ends else []
+    # Usage sits in the last JSON event(s) of every provider's stream: if the tail
+    # holds one complete JSON event, that end of the stream was captured.
+    lost = not any(e.lstrip()[:1] == b"{" for e in tail_events)
+    return _sse_events(head) + tail_events, lost
+
+
+def _scan(buf: bytes, key: str) -> list[object]:
+    """Values of every `"key":` in raw JSON text that cannot be parsed whole (a cut body).
+
+    An unescaped `"key":` cannot occur inside a JSON string, so each hit is a real key.
+    """
+    text = buf.decode("utf-8", "replace")
+    values = []
+    for match in re.finditer(r'"%s"\s*:\s*' % key, text):  # a literal prefix keeps this fast
+        if text[match.start() - 1: match.start()] == "\\":
+            continue                     # `\"key\"` inside a string
+        try:
+            values.append(_DECODER.raw_decode(text, match.end())[0])
+        except Exception:
+            pass                         # value runs into the gap or the end of the capture
+    return values
+
+
+def _first_model(units: list[Unit], needle: re.Pattern[bytes], pick: Callable[[dict], str | None],
+                 reverse: bool = False) -> str | None:
+    for unit in reversed(units) if reverse else units:
+        doc = _load(unit, needle)
+        if doc is not None and (model := pick(doc)):
+            return model
+    return None
+
+
+# ---------------------------------------------------------- provider formats
+
+def _openai_body(doc: dict) -> dict:
+    """Responses stream events wrap the response object in `response`."""
+    response = doc.get("response")
+    return response if isinstance(response, dict) else doc
+
+
+def _openai(units: list[Unit]) -> tuple[str | None, dict | None]:
+    """Chat/completions/embeddings and Responses, plain or streamed."""
+    model_of = lambda doc: _str(_openai_body(doc).get("model"))  # noqa: E731
+    for unit in reversed(units):      # usage is in the last chunk / the terminal event
+        doc = _load(unit, _USAGE)
+        if doc is not None and isinstance(usage := _openai_body(doc).get("usage"), dict):
+            return model_of(doc) or _first_model(units, _MODEL, model_of), usage
+    return _first_model(units, _MODEL, model_of), None
+
+
+def _openai_counts(usage: dict) -> Counts:
+    # The Responses API says input/output, chat/completions/embeddings say prompt/completion.
+    responses = "input_tokens" in usage or "output_tokens" in usage
+    inp, out = ("input", "output") if responses else ("prompt", "completion")
+    return {"input_tokens": _count(usage, f"{inp}_tokens"),
+            "output_tokens": _count(usage, f"{out}_tokens"),
+            "cache_read_tokens": _sub(usage, f"{inp}_tokens_details", "cached_tokens"),
+            "reasoning_tokens": _sub(usage, f"{out}_tokens_details", "reasoning_tokens"),
+            "total_tokens": _int(usage.get("total_tokens"))}
+
+
+def _anthropic(units: list[Unit]) -> tuple[str | None, dict | None]:
+    """Messages, plain or streamed: message_start usage, then each message_delta merged in."""
+    model, usage = None, None
+    for unit in units:
+        doc = _load(unit, _USAGE_OR_MODEL)
+        if doc is None:
+            continue
+        message = doc.get("message") if doc.get("type") == "message_start" else doc
+        if not isinstance(message, dict):
+            continue
+        model = model or _str(message.get("model"))
+        if isinstance(part := message.get("usage"), dict):
+            # message_delta usage is cumulative but may carry only some fields
+            # (older streams: output_tokens only), so merge field by field.
+            usage = usage or {}
+            usage.update((k, v) for k, v in part.items() if v is not None)
+    return model, usage
+
+
+def _anthropic_counts(usage: dict) -> Counts:
+    # Context compaction: top-level numbers cover the last iteration only; the
+    # billed amount is the sum over `iterations`.
+    iterations = usage.get("iterations")
+    parts = [i for i in iterations if isinstance(i, dict)] if isinstance(iterations, list) else []
+
+    def total(key: str) -> int | None:
+        values = [v for p in parts or [usage] if (v := _int(p.get(key))) is not None]
+        return sum(values) if values else None
+
+    return {"input_tokens": total("input_tokens"), "output_tokens": total("output_tokens"),
+            "cache_read_tokens": total("cache_read_input_tokens"),
+            "cache_write_tokens": total("cache_creation_input_tokens")}
+
+
+def _google(units: list[Unit]) -> tuple[str | None, dict | None]:
+    """Gemini API and Vertex AI: every chunk holds a cumulative snapshot, so the last one counts."""
+    model_of = lambda doc: _str(doc.get("modelVersion"))  # noqa: E731
+    for unit in reversed(units):
+        doc = _load(unit, _USAGE_METADATA)
+        if doc is not None and isinstance(usage := doc.get("usageMetadata"), dict):
+            return model_of(doc) or _first_model(units, _MODEL_VERSION, model_of, reverse=True), usage
+    return _first_model(units, _MODEL_VERSION, model_of, reverse=True), None
+
+
+def _google_counts(usage: dict) -> Counts:
+    return {"input_tokens": _count(usage, "promptTokenCount"),
+            "output_tokens": _count(usage, "candidatesTokenCount"),
+            "cache_read_tokens": _int(usage.get("cachedContentTokenCount")),
+            "reasoning_tokens": _int(usage.get("thoughtsTokenCount")),
+            "total_tokens": _int(usage.get("totalTokenCount"))}
+
+
+# format -> (reader, counts mapper, usage key, model key, model position in a cut body)
+_FORMATS = {
+    "openai": (_openai, _openai_counts, "usage", "model", 0),
+    "anthropic": (_anthropic, _anthropic_counts, "usage", "model", 0),
+    "google": (_google, _google_counts, "usageMetadata", "modelVersion", -1),
+}
+
+
+# ---------------------------------------------------------------- entry point
+
+def _verb(path: str) -> str:
+    return path.rsplit(":", 1)[1] if ":" in path else ""
+
+
+def _generates(api: str, path: str) -> bool:
+    """Endpoints that normally report usage on success."""
+    path = path.rstrip("/")
+    if _verb(path) in _GOOGLE_GENERATION:
+        return True
+    if api == "openai":
+        return path.endswith(_OPENAI_GENERATION)
+    return api == "anthropic" and path.endswith("/messages")
+
+
+def extract_usage(api: str, path: str, status: int, content_type: str, head: bytes,
+                  tail: bytes | None) -> Usage:
+    """Model and token counts of one response, from its captured body.
+
+    `tail is None`: `head` is the whole body. Otherwise head and tail are the
+    first and last bytes of a longer body.
+    """
+    try:
+        return _extract(api, path, status, content_type, head, tail)
+    except Exception:  # last line of defence: accounting must never break a call
+        return Usage()
+
+
+def _extract(api: str, path: str, status: int, content_type: str, head: bytes,
+             tail: bytes | None) -> Usage:
+    path = path or ""
+    head = bytes(head or b"")
+    tail = None if tail is None else bytes(tail)
+    stream = "text/event-stream" in (content_type or "").lower() or _verb(path) in _GOOGLE_STREAM
+    # Claude on Vertex AI (rawPredict / streamRawPredict) answers in Anthropic's format.
+    fmt = "anthropic" if "/publishers/anthropic/models/" in path else api
+    if fmt not in _FORMATS:
+        return Usage(stream=stream)
+    reader, counts_of, usage_key, model_key, model_pos = _FORMATS[fmt]
+
+    units, lost = _split(head, tail)
+    model, usage = reader(units)
+    if usage is None and lost:
+        found = [v for v in _scan(tail if tail is not None else head, usage_key) if isinstance(v, dict)]
+        usage = found[-1] if found else None
+    if model is None and (lost or tail is not None):
+        names = [v for buf in (head, tail or b"") for v in _scan(buf, model_key) if _str(v)]
+        # OpenAI/Anthropic name the model near the start, Google's modelVersion ends each chunk.
+        model = names[model_pos] if names else None
+
+    if not 200 <= status < 300:   # the caller classifies errors by status
+        return Usage(model=model, stream=stream)
+    if model is None and (m := _PATH_MODEL.search(path)):
+        model = _str(unquote(m.group(1)))   # Gemini / Vertex (Claude on Vertex too) name it in the path
+    if usage is None:
+        problem = None
+        if _generates(fmt, path):
+            problem = CAPTURE_TRUNCATED if tail is not None and lost else USAGE_MISSING
+        return Usage(model=model, stream=stream, problem=problem)
+    counts = counts_of(usage)
+    problem = None
+    if tail is not None and counts["input_tokens"] is None and _generates(fmt, path):
+        problem = CAPTURE_TRUNCATED      # e.g. an Anthropic message_start cut off by a tiny head
+    return Usage(model=model, stream=stream, problem=problem, **counts)
