@@ -34,7 +34,7 @@ WRITER = web.AppKey("writer", StatsWriter)
 
 # How many queued reports the worker turns into records before yielding to the event loop.
 BATCH = 256
-# Header through which nginx hands the original request's query string to /auth.
+# Header through which nginx hands the original request's URI (for the `key` parameter) to /auth.
 QUERY_HEADER = "X-LMGate-Query"
 
 
@@ -64,7 +64,7 @@ async def auth(request: web.Request) -> web.Response:
     # The answer has no body: nginx never reads an auth subrequest's body, and one would cost it
     # its keepalive connection to the sidecar.
     try:
-        key = extract_key(request.headers, request.headers.get(QUERY_HEADER, ""))
+        key = extract_key(request.headers, request.headers.get(QUERY_HEADER, "").partition("?")[2])
     except KeyProblem as problem:
         return web.Response(status=403, headers={"X-LMGate-Reason": str(problem)})
     entry = request.app[ALLOWLIST].current.lookup(key)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install what LMGate needs on a Debian/Ubuntu machine (or image), then the package in a venv.
+#   scripts/setup.sh          nginx-light, the njs module, CA certificates, Python venv + lmgate
+#   scripts/setup.sh --dev    the same plus the test dependencies (pytest, the providers' SDKs, ...)
+# The Dockerfile runs this same script, so the container gets the nginx/njs that the tests ran.
+# Environment: LMGATE_VENV (default .venv in the repository) is where the venv goes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extra=""
+if [ "${1:-}" = "--dev" ]; then extra="[dev]"; fi
+venv="${LMGATE_VENV:-.venv}"
+
+packages=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || packages+=(nginx-light)
+[ -f /usr/lib/nginx/modules/ngx_http_js_module.so ] || packages+=(libnginx-mod-http-js)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || packages+=(ca-certificates)
+command -v python3 >/dev/null 2>&1 || packages+=(python3)
+if [ ! -x "$venv/bin/python" ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    packages+=(python3-venv)
+fi
+
+if [ "${#packages[@]}" -gt 0 ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: missing ${packages[*]} and this is not a Debian/Ubuntu system: install nginx with the njs module and Python >= 3.11 yourself" >&2
+        exit 1
+    fi
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    # Leave apt's package lists as we found them: on a fresh system or image (no lists yet, as in
+    # debian:*-slim) they are removed again after the install, which keeps the container image
+    # lean; a machine that already had lists keeps them (and its .deb cache).
+    had_lists=""
+    if compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then had_lists=1; fi
+    echo "setup: installing ${packages[*]} with apt-get" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    if [ -z "$had_lists" ]; then
+        $sudo apt-get clean
+        $sudo rm -rf /var/lib/apt/lists/*
+    fi
+fi
+
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "setup: LMGate needs Python >= 3.11; python3 is $(python3 --version 2>&1)" >&2
+    exit 1
+fi
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".${extra}"
+echo "setup: ready ($("$venv/bin/lmgate" --help >/dev/null && echo "lmgate in $venv/bin"), $(nginx -v 2>&1 || /usr/sbin/nginx -v 2>&1))" >&2

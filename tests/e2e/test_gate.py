@@ -1,0 +1,249 @@
+"""The gate end to end: real nginx + njs + sidecar (`lmgate up`) in front of a mock provider."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.support.gate import ALICE_KEY, BOB_KEY, UNLISTED_KEY, Gate, wait_until
+from tests.support.mock_upstream import Reply
+
+pytestmark = pytest.mark.e2e
+
+CHAT = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_request_and_response_pass_through_unchanged(gate, mock_upstream):
+    body = json.dumps(CHAT, indent=2).encode() + "\n héllo \x00 bytes".encode()
+    mock_upstream.reply("/v1/echo-check", status=201, body=body, content_type="application/json; charset=utf-8",
+                        headers={"X-Upstream-Header": "kept", "openai-processing-ms": "42"})
+    request_body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi \xc3\xa9"}]}'
+    mark = gate.mark()
+    resp = httpx.post(gate.base("openai") + "/v1/echo-check?api-version=2024-01-01&x=a%2Fb",
+                      content=request_body, headers={**bearer(ALICE_KEY), "X-Client-Header": "yes",
+                                                     "Content-Type": "application/json"})
+    assert resp.status_code == 201
+    assert resp.content == body
+    assert resp.headers["x-upstream-header"] == "kept"
+    assert resp.headers["openai-processing-ms"] == "42"
+    seen = mock_upstream.seen[-1]
+    assert seen.method == "POST"
+    assert seen.path_qs == "/v1/echo-check?api-version=2024-01-01&x=a%2Fb"  # prefix stripped, query kept as sent
+    assert seen.body == request_body
+    assert seen.headers["X-Client-Header"] == "yes"
+    assert seen.headers["Authorization"] == f"Bearer {ALICE_KEY}"
+    assert seen.headers["Host"] == mock_upstream.url.removeprefix("http://")
+    [record] = gate.new_records(mark, 1)
+    assert record["lmgate_id"] == "alice" and record["owner"] == "alice@example.com"
+    assert record["endpoint"] == "/openai/v1/echo-check"
+    assert record["status"] == 201 and record["method"] == "POST"
+    assert record["masked_key"] == "..." + ALICE_KEY[-6:]
+
+
+def test_client_cannot_forge_lmgate_headers(gate, mock_upstream):
+    mock_upstream.reply("/v1/forge", body=b"{}")
+    mark = gate.mark()
+    resp = httpx.post(gate.base("openai") + "/v1/forge", content=b"{}",
+                      headers={**bearer(ALICE_KEY), "X-LMGate-ID": "mallory", "X-LMGate-Owner": "mallory"})
+    assert resp.status_code == 200
+    assert not any(h.lower().startswith("x-lmgate") for h in mock_upstream.seen[-1].headers)
+    [record] = gate.new_records(mark, 1)
+    assert record["lmgate_id"] == "alice"
+
+
+@pytest.mark.parametrize("provider,headers,params,check", [
+    ("openai", {}, {}, lambda b: b["error"]["code"] == "lmgate_forbidden"),
+    ("openai", bearer(UNLISTED_KEY), {}, lambda b: "allow-list" in b["error"]["message"]),
+    ("anthropic", {"x-api-key": UNLISTED_KEY}, {},
+     lambda b: b["type"] == "error" and b["error"]["type"] == "permission_error"),
+    ("gemini", {"x-goog-api-key": UNLISTED_KEY}, {}, lambda b: b["error"]["status"] == "PERMISSION_DENIED"),
+    ("google", {}, {"key": UNLISTED_KEY}, lambda b: b["error"]["code"] == 403),
+    ("openai", {"Authorization": f"Bearer {ALICE_KEY}", "x-api-key": UNLISTED_KEY}, {},
+     lambda b: b["error"]["code"] == "lmgate_forbidden"),
+])
+def test_denied_calls_get_403_in_the_providers_shape_and_are_recorded(gate, mock_upstream, provider, headers,
+                                                                      params, check):
+    seen_before = len(mock_upstream.seen)
+    mark = gate.mark()
+    resp = httpx.post(gate.base(provider) + "/v1/anything", headers=headers, params=params, content=b"{}")
+    assert resp.status_code == 403
+    assert resp.headers["content-type"].startswith("application/json")
+    assert check(resp.json())
+    assert "LMGate" in resp.text
+    assert len(mock_upstream.seen) == seen_before, "a denied call reached the provider"
+    [record] = gate.new_records(mark, 1)
+    assert record["error_type"] == "forbidden" and record["status"] == 403
+    assert record["lmgate_id"] is None and record["provider"] == provider
+
+
+def test_hashed_allowlist_entry_and_key_query_parameter(gate, mock_upstream):
+    mock_upstream.reply("/v1beta/models/gemini-2.0-flash:countTokens", body=b'{"totalTokens": 3}')
+    mark = gate.mark()
+    resp = httpx.post(gate.base("gemini") + "/v1beta/models/gemini-2.0-flash:countTokens",
+                      params={"key": BOB_KEY}, content=b"{}")
+    assert resp.status_code == 200, resp.text
+    [record] = gate.new_records(mark, 1)
+    assert record["lmgate_id"] == "bob"
+    assert record["endpoint"] == "/gemini/v1beta/models/gemini-2.0-flash:countTokens"
+    assert BOB_KEY not in gate.stats.read_text()
+
+
+def test_sse_events_reach_the_client_while_the_upstream_is_still_sending(gate, mock_upstream):
+    release = threading.Event()
+    events = [f'data: {{"n": {i}}}\n\n'.encode() for i in range(4)]
+    mock_upstream.reply("/v1/slow-stream", chunks=events, content_type="text/event-stream", release_last=release)
+    received = []
+    with httpx.stream("POST", gate.base("openai") + "/v1/slow-stream", headers=bearer(ALICE_KEY),
+                      content=b"{}", timeout=15) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data:"):
+                received.append(line)
+                if len(received) == 3:
+                    # The upstream holds its last event until we have seen the first three:
+                    # a buffering proxy would deadlock here and fail the test.
+                    release.set()
+    assert received == [e.decode().strip() for e in events]
+
+
+def test_unknown_paths_and_internal_endpoints_answer_404_json(gate):
+    for path in ("/", "/nope", "/v1/chat/completions", "/auth", "/stats", "/_auth", "/_stats", "/livez",
+                 "/readyz", "/openai"):
+        resp = httpx.get(gate.url + path, headers=bearer(ALICE_KEY))
+        assert resp.status_code == 404, path
+        assert resp.json()["error"]["code"] == "lmgate_not_found", path
+    assert httpx.get(gate.url + "/healthz").text == "ok\n"
+
+
+def test_path_tricks_never_reach_another_provider(gate, mock_upstream):
+    seen_before = len(mock_upstream.seen)
+    for path in ("/openai/../anthropic/v1/messages", "//anthropic/v1/messages", "/openai/%2e%2e/anthropic/v1/x",
+                 "/openai/v1/../../anthropic/v1/messages", "/%6fpenai/v1/models"):
+        status = raw_status(gate.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                                       f"Authorization: Bearer {ALICE_KEY}\r\nConnection: close\r\n\r\n")
+        assert status in (400, 404), (path, status)
+    assert len(mock_upstream.seen) == seen_before
+
+
+def raw_status(port: int, request: str) -> int:
+    """Send a request byte for byte (HTTP clients normalise paths) and return the status code."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request.encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_fail_closed_when_the_sidecar_is_down(mock_upstream, tmp_path):
+    # nginx alone, no sidecar: every call is refused quickly with the provider-shaped 403.
+    g = Gate(tmp_path, mock_upstream.url)
+    g._healthy = lambda: _get_ok(g.url + "/healthz")
+    g.start(command="nginx")
+    try:
+        seen_before = len(mock_upstream.seen)
+        started = time.monotonic()
+        resp = httpx.post(g.base("anthropic") + "/v1/messages", headers={"x-api-key": ALICE_KEY}, content=b"{}")
+        assert time.monotonic() - started < 1.5
+        assert resp.status_code == 403
+        assert resp.json()["error"]["type"] == "permission_error"
+        assert "could not check" in resp.json()["error"]["message"]
+        assert len(mock_upstream.seen) == seen_before
+    finally:
+        assert g.stop() == 0
+
+
+def _get_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_killed_sidecar_is_restarted_and_calls_succeed_again(own_gate, mock_upstream):
+    g = own_gate()
+    mock_upstream.reply("/v1/after-restart", body=b"{}")
+    pid = g.sidecar_pid()
+    import os
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: httpx.post(g.base("openai") + "/v1/after-restart", headers=bearer(ALICE_KEY),
+                                  content=b"{}").status_code == 200, 10, "calls to succeed after the restart")
+    assert "restarting" in g.log()
+    assert g.sidecar_pid() != pid
+
+
+def test_allowlist_edits_take_effect_without_restart(own_gate, mock_upstream):
+    g = own_gate()
+    mock_upstream.reply("/v1/reload", body=b"{}")
+
+    def status(key):
+        return httpx.post(g.base("openai") + "/v1/reload", headers=bearer(key), content=b"{}").status_code
+
+    assert status(UNLISTED_KEY) == 403
+    text = g.allowlist.read_text()
+    g.allowlist.write_text(text + f"carol,{UNLISTED_KEY},carol@example.com,2026-02-01\n")
+    wait_until(lambda: status(UNLISTED_KEY) == 200, 5, "the added key to be accepted")
+    # A broken edit keeps the previous list in force.
+    g.allowlist.write_text(text + "broken-line-without-fields\n")
+    time.sleep(1)
+    assert status(UNLISTED_KEY) == 200
+    assert "allow-list not reloaded" in g.log() and ":4:" in g.log()
+    # Revocation: the key disappears from the file.
+    g.allowlist.write_text(text)
+    wait_until(lambda: status(UNLISTED_KEY) == 403, 5, "the removed key to be refused")
+    assert status(ALICE_KEY) == 200
+
+
+def test_clean_stop_flushes_every_buffered_record(own_gate, mock_upstream):
+    g = own_gate(LMGATE_STATS__FLUSH_INTERVAL_SECONDS="3600")
+    mock_upstream.reply("/v1/flush", body=json.dumps(CHAT).encode())
+    for _ in range(20):
+        assert httpx.post(g.base("openai") + "/v1/flush", headers=bearer(ALICE_KEY), content=b"{}").status_code == 200
+    time.sleep(0.3)
+    assert g.records() == []  # still buffered: the interval is an hour
+    assert g.stop() == 0
+    records = g.records()
+    assert len(records) == 20
+    assert {r["input_tokens"] for r in records} == {11}
+
+
+def test_up_refuses_to_start_on_a_taken_port(mock_upstream, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from tests.support.gate import CONFIG
+    g = Gate(tmp_path, mock_upstream.url)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", g.port))
+        sock.listen()
+        result = subprocess.run([sys.executable, "-m", "lmgate", "up", "--config", str(CONFIG)], env=g.env,
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"port {g.port}" in result.stderr and "already in use" in result.stderr
+
+
+def test_up_refuses_to_start_with_a_broken_allowlist(mock_upstream, tmp_path):
+    import subprocess
+    import sys
+    from tests.support.gate import CONFIG
+    g = Gate(tmp_path, mock_upstream.url)
+    g.allowlist.write_text("id,api_key,owner,added\na,k1-aaaaaaaaaaaa,o,d\na,k2-bbbbbbbbbbbbb,o,d\n")
+    result = subprocess.run([sys.executable, "-m", "lmgate", "up", "--config", str(CONFIG)], env=g.env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"lmgate: {g.allowlist}:3: duplicate id 'a' (first on line 2)")
