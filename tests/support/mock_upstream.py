@@ -51,7 +51,7 @@ class MockUpstream:
         self._runner: web.AppRunner | None = None
 
     def reply(self, path: str, reply: Reply | None = None, **kwargs) -> Reply:
-        """Answer requests whose path (no query) is `path` with `reply`."""
+        """Answer requests whose path (no query) is `path` with `reply`; "*" answers any other path."""
         reply = reply or Reply(**kwargs)
         self.replies[path] = reply
         return reply
@@ -59,7 +59,7 @@ class MockUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen.append(Seen(request.method, request.raw_path, dict(request.headers), body))
-        reply = self.replies.get(request.path)
+        reply = self.replies.get(request.path) or self.replies.get("*")
         if reply is None:
             return web.json_response({"error": {"message": f"mock: no reply for {request.path}"}}, status=404)
         if reply.chunks is None and reply.fault is None:
