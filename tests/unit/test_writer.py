@@ -1,0 +1,381 @@
+"""lmgate.writer: buffered JSON Lines, rotation that never overwrites, and riding out disk failures."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import re
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+import lmgate.writer as writer_mod
+from lmgate.writer import StatsWriter, rotated_name
+
+pytestmark = pytest.mark.unit
+
+ROTATED = re.compile(r"stats\.(\d{8}T\d{6}Z)(-\d+)?\.jsonl")
+
+
+def rec(i: int, **extra) -> dict:
+    return {"request_id": f"r{i:05d}", "owner": "Zoë", "input_tokens": i, **extra}
+
+
+def lines(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), "torn last line"
+    return [json.loads(line) for line in data.decode("utf-8").splitlines()]
+
+
+def all_records(folder: Path) -> list[dict]:
+    """Every record in the live and rotated files, oldest file first."""
+    files = sorted(folder.glob("stats.*.jsonl"), key=lambda p: p.stat().st_mtime_ns)
+    if (folder / "stats.jsonl").exists():
+        files.append(folder / "stats.jsonl")
+    out = []
+    for f in files:
+        out.extend(lines(f))
+    return out
+
+
+class FakeOS:
+    """Stands in for the `os` module inside lmgate.writer; os.write misbehaves on demand."""
+
+    def __init__(self) -> None:
+        self.fail: OSError | None = None
+        self.partial_bytes: int | None = None   # write this many bytes, then raise `fail`
+        self.write_calls = 0
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def write(self, fd, data):
+        self.write_calls += 1
+        if self.fail is None:
+            return os.write(fd, data)
+        if self.partial_bytes:
+            os.write(fd, bytes(data[: self.partial_bytes]))
+        raise self.fail
+
+
+@pytest.fixture
+def fake_os(monkeypatch) -> FakeOS:
+    fake = FakeOS()
+    monkeypatch.setattr(writer_mod, "os", fake)
+    return fake
+
+
+def freeze_clock(monkeypatch, wall: float, mono: list[float] | None = None) -> None:
+    """Freeze lmgate.writer's view of time (wall clock for names, monotonic for log throttling)."""
+    mono = mono if mono is not None else [1000.0]
+    fake = types.SimpleNamespace(time=lambda: wall, gmtime=time.gmtime, strftime=time.strftime,
+                                 monotonic=lambda: mono[0])
+    monkeypatch.setattr(writer_mod, "time", fake)
+
+
+# ---------------------------------------------------------------- buffering
+
+def test_records_are_buffered_until_flush(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, rotate_bytes=10**9, flush_interval=10)
+    for i in range(3):
+        w.add(rec(i))
+    assert w.buffered == 3
+    assert not path.exists()
+    assert w.flush() is True
+    assert w.buffered == 0 and w.written == 3
+    assert lines(path) == [rec(0), rec(1), rec(2)]
+
+
+def test_flush_with_nothing_buffered(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, 10)
+    assert w.flush() is True
+    assert not path.exists()
+
+
+def test_flush_appends(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    path.write_text('{"old":true}\n')
+    w = StatsWriter(path, 10**9, 10)
+    w.add(rec(1))
+    w.flush()
+    w.add(rec(2))
+    w.add(rec(3))
+    w.flush()
+    assert lines(path) == [{"old": True}, rec(1), rec(2), rec(3)]
+    assert w.written == 3
+
+
+def test_lines_are_compact_utf8_json(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, 10)
+    w.add({"owner": "Zoë 😀", "note": "line\nbreak", "n": None})
+    w.flush()
+    raw = path.read_bytes()
+    assert raw.count(b"\n") == 1
+    assert "Zoë 😀".encode() in raw
+    assert json.loads(raw) == {"owner": "Zoë 😀", "note": "line\nbreak", "n": None}
+
+
+def test_creates_missing_folder(tmp_path):
+    path = tmp_path / "a" / "b" / "stats.jsonl"
+    w = StatsWriter(path, 10**9, 10)
+    w.add(rec(1))
+    assert w.flush() is True
+    assert lines(path) == [rec(1)]
+
+
+def test_new_file_is_not_world_readable(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    old = os.umask(0)
+    try:
+        w = StatsWriter(path, 10**9, 10)
+        w.add(rec(1))
+        w.flush()
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o007 == 0
+
+
+# ---------------------------------------------------------------- rotation
+
+def test_rotation_past_rotate_bytes(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    one = len(json.dumps(rec(0), ensure_ascii=False, separators=(",", ":")).encode()) + 1
+    w = StatsWriter(path, rotate_bytes=one * 3, flush_interval=10)
+    for i in range(3):
+        w.add(rec(i))
+    w.flush()                                   # exactly rotate_bytes: no rotation yet
+    assert list(tmp_path.iterdir()) == [path]
+    w.add(rec(3))
+    w.flush()                                   # would pass rotate_bytes: rotate first
+    rotated = [p for p in tmp_path.iterdir() if p != path]
+    assert len(rotated) == 1
+    m = ROTATED.fullmatch(rotated[0].name)
+    assert m, rotated[0].name
+    stamp = time.strptime(m.group(1), "%Y%m%dT%H%M%SZ")
+    assert abs(time.mktime(stamp) - time.mktime(time.gmtime())) < 120
+    assert lines(rotated[0]) == [rec(0), rec(1), rec(2)]
+    assert lines(path) == [rec(3)]
+    assert path.stat().st_size <= one * 3
+
+
+def test_oversized_single_batch_into_empty_file_is_written(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, rotate_bytes=10, flush_interval=10)
+    for i in range(5):
+        w.add(rec(i))
+    assert w.flush() is True
+    assert list(tmp_path.iterdir()) == [path]
+    assert len(lines(path)) == 5
+
+
+def test_two_rotations_in_the_same_second_never_overwrite(tmp_path, monkeypatch):
+    freeze_clock(monkeypatch, wall=1_700_000_000.25)
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, rotate_bytes=1, flush_interval=10)
+    for i in range(4):
+        w.add(rec(i))
+        assert w.flush() is True
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["stats.20231114T221320Z-1.jsonl", "stats.20231114T221320Z-2.jsonl",
+                     "stats.20231114T221320Z.jsonl", "stats.jsonl"]
+    assert lines(tmp_path / "stats.20231114T221320Z.jsonl") == [rec(0)]
+    assert lines(tmp_path / "stats.20231114T221320Z-1.jsonl") == [rec(1)]
+    assert lines(tmp_path / "stats.20231114T221320Z-2.jsonl") == [rec(2)]
+    assert lines(path) == [rec(3)]
+
+
+def test_rotation_does_not_overwrite_an_existing_file(tmp_path, monkeypatch):
+    freeze_clock(monkeypatch, wall=1_700_000_000.0)
+    path = tmp_path / "stats.jsonl"
+    keep = tmp_path / "stats.20231114T221320Z.jsonl"
+    keep.write_text('{"precious":1}\n')
+    path.write_text('{"old":1}\n')
+    w = StatsWriter(path, rotate_bytes=5, flush_interval=10)
+    w.add(rec(1))
+    w.flush()
+    assert lines(keep) == [{"precious": 1}]
+    assert lines(tmp_path / "stats.20231114T221320Z-1.jsonl") == [{"old": 1}]
+    assert lines(path) == [rec(1)]
+
+
+def test_rotated_name():
+    p = Path("/x/data/stats.jsonl")
+    assert rotated_name(p, 0) == Path("/x/data/stats.19700101T000000Z.jsonl")
+    assert rotated_name(Path("/x/log"), 86399.9) == Path("/x/log.19700101T235959Z")
+
+
+def test_many_rotations_lose_nothing(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, rotate_bytes=300, flush_interval=10)
+    for i in range(60):
+        w.add(rec(i))
+        if i % 3 == 0:
+            assert w.flush()
+    assert w.flush()
+    got = all_records(tmp_path)
+    assert sorted(r["request_id"] for r in got) == [f"r{i:05d}" for i in range(60)]
+    for f in tmp_path.iterdir():
+        assert f.name == "stats.jsonl" or ROTATED.fullmatch(f.name), f.name
+
+
+# ---------------------------------------------------------------- disk failures
+
+def test_parent_is_a_file_keeps_records_and_logs_once(tmp_path, caplog):
+    blocker = tmp_path / "data"
+    blocker.write_text("not a folder")
+    path = blocker / "stats.jsonl"
+    w = StatsWriter(path, 10**9, flush_interval=60)
+    with caplog.at_level(logging.INFO, logger="lmgate.stats"):
+        for i in range(5):
+            w.add(rec(i))
+            assert w.flush() is False
+        assert w.buffered == 5 and w.written == 0
+        assert w.last_error and str(path) in w.last_error
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, [r.getMessage() for r in errors]
+        assert "kept in memory" in errors[0].getMessage()
+
+        blocker.unlink()                      # the cause is gone
+        w.add(rec(5))
+        assert w.flush() is True
+    assert w.buffered == 0 and w.written == 6 and w.last_error is None
+    assert lines(path) == [rec(i) for i in range(6)]
+    assert any("resumed" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    assert w.flush() is True
+    assert lines(path) == [rec(i) for i in range(6)]   # nothing written twice
+
+
+def test_error_is_logged_again_after_the_interval(tmp_path, caplog, monkeypatch):
+    mono = [1000.0]
+    freeze_clock(monkeypatch, wall=time.time(), mono=mono)
+    blocker = tmp_path / "data"
+    blocker.write_text("")
+    w = StatsWriter(blocker / "stats.jsonl", 10**9, flush_interval=10)
+    w.add(rec(1))
+    with caplog.at_level(logging.ERROR, logger="lmgate.stats"):
+        w.flush()
+        mono[0] += 5
+        w.flush()
+        assert len(caplog.records) == 1
+        mono[0] += 6
+        w.flush()
+        assert len(caplog.records) == 2
+
+
+def test_disk_full_keeps_records_and_resumes(tmp_path, fake_os, caplog):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, flush_interval=60)
+    w.add(rec(0))
+    assert w.flush() is True
+    fake_os.fail = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with caplog.at_level(logging.ERROR, logger="lmgate.stats"):
+        for i in range(1, 4):
+            w.add(rec(i))
+            assert w.flush() is False
+    assert [r.levelno for r in caplog.records].count(logging.ERROR) == 1
+    assert "No space left" in caplog.records[0].getMessage()
+    assert w.buffered == 3
+    assert lines(path) == [rec(0)]
+    fake_os.fail = None
+    assert w.flush() is True
+    assert lines(path) == [rec(i) for i in range(4)]
+    assert w.written == 4
+
+
+@pytest.mark.parametrize("partial", [1, 17, 100])
+def test_partial_write_leaves_no_torn_line_and_no_duplicate(tmp_path, fake_os, partial):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, flush_interval=60)
+    w.add(rec(0))
+    w.flush()
+    before = path.read_bytes()
+    for i in range(1, 4):
+        w.add(rec(i))
+    fake_os.fail = OSError(errno.ENOSPC, "No space left on device")
+    fake_os.partial_bytes = partial
+    assert w.flush() is False
+    assert fake_os.write_calls >= 1
+    assert path.read_bytes() == before           # the half-written batch was taken back
+    assert w.buffered == 3
+    fake_os.fail = None
+    assert w.flush() is True
+    got = lines(path)
+    assert got == [rec(i) for i in range(4)]
+
+
+def test_short_writes_are_completed(tmp_path, monkeypatch):
+    """os.write may write fewer bytes than asked without an error: the rest must follow."""
+    class ShortOS(FakeOS):
+        def write(self, fd, data):
+            self.write_calls += 1
+            return os.write(fd, bytes(data[:7]))
+
+    short = ShortOS()
+    monkeypatch.setattr(writer_mod, "os", short)
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, 60)
+    for i in range(3):
+        w.add(rec(i))
+    assert w.flush() is True
+    assert short.write_calls > 3
+    assert lines(path) == [rec(0), rec(1), rec(2)]
+
+
+def test_buffer_is_bounded_while_disk_refuses(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_mod, "MAX_BUFFERED_RECORDS", 5)
+    blocker = tmp_path / "data"
+    blocker.write_text("")
+    path = blocker / "stats.jsonl"
+    w = StatsWriter(path, 10**9, 60)
+    for i in range(8):
+        w.add(rec(i))
+    assert w.flush() is False
+    assert w.buffered == 5 and w.dropped == 3
+    blocker.unlink()
+    assert w.flush() is True
+    assert lines(path) == [rec(i) for i in range(3, 8)]   # the oldest were dropped
+
+
+# ---------------------------------------------------------------- background flusher
+
+async def test_flush_forever_writes_periodically(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, flush_interval=0.02)
+    task = asyncio.create_task(w.flush_forever())
+    try:
+        w.add(rec(1))
+        for _ in range(200):
+            if path.exists() and path.read_bytes():
+                break
+            await asyncio.sleep(0.01)
+        assert lines(path) == [rec(1)]
+    finally:
+        task.cancel()
+
+
+async def test_flush_forever_survives_a_surprise(tmp_path, monkeypatch):
+    w = StatsWriter(tmp_path / "stats.jsonl", 10**9, flush_interval=0.01)
+    calls = []
+
+    def boom():
+        calls.append(1)
+        raise ValueError("surprise")
+
+    monkeypatch.setattr(w, "flush", boom)
+    task = asyncio.create_task(w.flush_forever())
+    try:
+        for _ in range(200):
+            if len(calls) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(calls) >= 3 and not task.done()
+    finally:
+        task.cancel()
