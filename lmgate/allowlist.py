@@ -155,7 +155,7 @@ class AllowListHolder:
         signature = _signature(self.path)
         if signature == self._signature:
             return False
-        if signature is not None and time.time_ns() - signature[0] < SETTLE_NS:
+        if signature is not None and 0 <= time.time_ns() - signature[0] < SETTLE_NS:
             # Still being written (truncate-then-write): read it once it has settled, so no
             # request ever sees a half-written list.
             self.pending = True

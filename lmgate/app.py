@@ -97,7 +97,8 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"allow-list: {holder.last_error} (previous list in force)")
     writer = app[WRITER]
     folder = writer.path.parent
-    if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
+    existing = folder if folder.exists() else folder.parent
+    if not (existing.is_dir() and os.access(existing, os.W_OK)):
         problems.append(f"stats: {folder} is not writable")
     if writer.last_error:
         problems.append(f"stats: {writer.last_error}")
@@ -222,7 +223,11 @@ def serve(settings: Settings) -> None:
     log.info("sidecar listening on %s:%d (fallback udp %d), allow-list %s (%d keys), stats %s",
              settings.server.host, settings.server.port, settings.server.fallback_port,
              settings.auth.allowlist_path, len(app[ALLOWLIST].current), settings.stats.output_path)
-    web.run_app(app, host=settings.server.host, port=settings.server.port, print=None,
-                access_log=None, handle_signals=True, shutdown_timeout=5,
-                reuse_address=True)
+    try:
+        web.run_app(app, host=settings.server.host, port=settings.server.port, print=None,
+                    access_log=None, handle_signals=True, shutdown_timeout=5, reuse_address=True)
+    except OSError as exc:  # typically a port already in use: one line, no traceback
+        raise SystemExit(f"lmgate: the sidecar cannot listen on {settings.server.host}:"
+                         f"{settings.server.port} (udp {settings.server.fallback_port}): "
+                         f"{exc.strerror or exc}") from None
 

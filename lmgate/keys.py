@@ -10,6 +10,15 @@ class KeyProblem(Exception):
     """The request carries no usable key; the message says why (safe to show: it holds no key)."""
 
 
+def _all(headers: Mapping[str, str], name: str) -> list[str]:
+    # A header sent twice counts twice: the provider might read either copy.
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return getall(name, [])
+    value = headers.get(name)
+    return [] if value is None else [value]
+
+
 def extract_key(headers: Mapping[str, str], query: str) -> str:
     """Return the single API key the request carries, or raise KeyProblem.
 
@@ -18,17 +27,14 @@ def extract_key(headers: Mapping[str, str], query: str) -> str:
     the credential the provider will bill, whichever of them the provider reads.
     """
     found: list[str] = []
-    authorization = headers.get("Authorization")
-    if authorization is not None:
+    for authorization in _all(headers, "Authorization"):
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token or " " in token:
             raise KeyProblem("the Authorization header must be 'Bearer <key>'")
         found.append(token)
     for name in ("x-api-key", "x-goog-api-key"):
-        value = headers.get(name)
-        if value is not None:
-            found.append(value.strip())
+        found.extend(value.strip() for value in _all(headers, name))
     if query and "key=" in query:
         found.extend(v for k, v in parse_qsl(query, keep_blank_values=True) if k == "key")
     keys = set(found)

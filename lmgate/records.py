@@ -10,6 +10,7 @@ Two sources feed the same record shape:
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -24,6 +25,11 @@ TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_wri
 NGINX_ERRORS = frozenset({"forbidden", "gate_unavailable", "upstream_unreachable"})
 
 
+# Plausible bounds for times nginx reports; anything else is replaced, never trusted.
+_MAX_EPOCH = 1e11
+_MAX_DURATION = 1e7
+
+
 def iso_utc(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
@@ -35,11 +41,12 @@ def _int(value: str | None, default: int = 0) -> int:
         return default
 
 
-def _float(value: str | None) -> float:
+def _float(value: str | None, upper: float) -> float:
     try:
-        return float(value) if value else 0.0
+        number = float(value) if value else 0.0
     except ValueError:
         return 0.0
+    return number if math.isfinite(number) and 0 <= number <= upper else 0.0
 
 
 def classify(status: int, nginx_error: str | None, usage_problem: str | None) -> str | None:
@@ -55,13 +62,16 @@ def classify(status: int, nginx_error: str | None, usage_problem: str | None) ->
 
 
 def _record(meta: dict[str, str], status: int, usage: Usage, error_type: str | None,
-            ended_at: float, duration: float, api: str) -> dict[str, Any]:
+            received_at: float, api: str, response_bytes: int) -> dict[str, Any]:
+    """The record; `meta` values are already decoded."""
     path = meta.get("u", "").split("?", 1)[0]
+    ended_at = _float(meta.get("ts"), _MAX_EPOCH) or received_at
+    duration = min(_float(meta.get("t"), _MAX_DURATION), ended_at)
     return {
         "timestamp": iso_utc(ended_at - duration),
         "request_id": meta.get("rid") or None,
-        "lmgate_id": unquote(meta.get("id", "")) or None,
-        "owner": unquote(meta.get("own", "")) or None,
+        "lmgate_id": meta.get("id") or None,
+        "owner": meta.get("own") or None,
         "provider": meta.get("p") or None,
         "api_format": api,
         "method": meta.get("m") or None,
@@ -76,8 +86,8 @@ def _record(meta: dict[str, str], status: int, usage: Usage, error_type: str | N
         "reasoning_tokens": usage.reasoning_tokens,
         "total_tokens": usage.total_tokens,
         "duration_ms": round(duration * 1000, 3),
-        "response_bytes": _int(meta.get("n")),
-        "masked_key": unquote(meta.get("mk", "")) or None,
+        "response_bytes": response_bytes,
+        "masked_key": meta.get("mk") or None,
         "error_type": error_type,
     }
 
@@ -121,10 +131,8 @@ def from_capture(query: str, body: bytes, received_at: float) -> dict[str, Any]:
     else:
         head, tail = body[:head_len], body[head_len:]
     api = _api_for(provider, provider_path)
-    usage = extract_usage(api, provider_path, status, unquote(meta.get("ct", "")), head, tail)
-    ended_at = _float(meta.get("ts")) or received_at
-    return _record(meta, status, usage, classify(status, None, usage.problem), ended_at,
-                   _float(meta.get("t")), api)
+    usage = extract_usage(api, provider_path, status, meta.get("ct", ""), head, tail)
+    return _record(meta, status, usage, classify(status, None, usage.problem), received_at, api, total)
 
 
 def from_fallback(line: bytes, received_at: float) -> dict[str, Any] | None:
@@ -138,7 +146,10 @@ def from_fallback(line: bytes, received_at: float) -> dict[str, Any] | None:
         return None
     if not isinstance(meta, dict):
         return None
+    # nginx logs the sidecar's percent-encoded header values as they were.
     meta = {str(k): str(v) for k, v in meta.items()}
+    for name in ("id", "own", "mk"):
+        meta[name] = unquote(meta.get(name, ""))
     provider = meta.get("p", "")
     endpoint = meta.get("u", "").split("?", 1)[0]
     provider_path = _provider_path(endpoint, provider)
@@ -149,7 +160,6 @@ def from_fallback(line: bytes, received_at: float) -> dict[str, Any] | None:
         status = 499
     usage = Usage(model=_model_from_path(provider_path) if status < 400 or status == 499 else None,
                   stream=":stream" in provider_path or "event-stream" in meta.get("ct", ""))
-    ended_at = _float(meta.get("ts")) or received_at
-    return _record(meta, status, usage, classify(status, nginx_error, None), ended_at,
-                   _float(meta.get("t")), _api_for(provider, provider_path))
+    return _record(meta, status, usage, classify(status, nginx_error, None), received_at,
+                   _api_for(provider, provider_path), _int(meta.get("n")))
 

@@ -7,6 +7,7 @@ file is the single place defaults live, so the dataclasses below declare types o
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from pathlib import Path
@@ -104,15 +105,23 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
     path = Path(path) if path else Path(os.environ.get("LMGATE_CONFIG", DEFAULT_CONFIG))
     environ = os.environ if environ is None else environ
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found (pass --config PATH)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if mark is not None:
+            where = f" line {mark.line + 1}"
+        elif isinstance(getattr(exc, "position", None), int):  # a reader error: a bad character
+            where = f" line {text[:exc.position].count(chr(10)) + 1}"
+        else:
+            where = ""
+        reason = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
+        raise ConfigError(f"{path}:{where} invalid YAML: {' '.join(str(reason).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     _apply_env(raw, environ, path)
@@ -149,7 +158,7 @@ def _build(cls: type, raw: Any, path: Path, prefix: str) -> Any:
     fields = [f for f in dataclasses.fields(cls) if f.name != "source"]
     unknown = set(raw) - {f.name for f in fields}
     if unknown:
-        raise ConfigError(f"{path}: unknown config key {prefix}{sorted(unknown)[0]}")
+        raise ConfigError(f"{path}: unknown config key {prefix}{sorted(map(str, unknown))[0]}")
     values = {}
     for field in fields:
         key = prefix + field.name
@@ -225,7 +234,7 @@ def _validate(s: Settings, path: Path) -> None:
         "proxy.upstream_read_timeout_seconds": s.proxy.upstream_read_timeout_seconds,
     }
     for key, value in positive.items():
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{path}: {key} must be greater than 0, got {value}")
     if s.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{path}: logging.level must be debug, info, warning or error, got {s.logging.level!r}")

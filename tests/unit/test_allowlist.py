@@ -492,9 +492,6 @@ def test_holder_half_written_file_never_seen(keyfile, monkeypatch):
     assert holder.current.lookup(KEY_A).id == "alice" and holder.current.lookup(KEY_B).id == "bob"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AllowListHolder.check compares the file's mtime with the "
-                   "wall clock, so a file whose mtime is in the future (clock skew, NFS) stays pending "
-                   "and is never reloaded until the clock catches up")
 def test_holder_file_with_future_mtime_is_eventually_loaded(keyfile, monkeypatch):
     monkeypatch.setattr(allowlist_mod, "SETTLE_NS", 20_000_000)
     holder = AllowListHolder(keyfile(HEADER + f"alice,{KEY_A},Alice,2024\n", 30), 30)

@@ -110,8 +110,6 @@ def test_unknown_key_in_file_is_named(write_config, section):
     assert str(config) in message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: settings._build sorts unknown keys of mixed types "
-                   "(int and str) and raises TypeError instead of ConfigError")
 def test_unknown_keys_of_mixed_types_give_config_error(write_config):
     def add(raw):
         raw[1] = "a"
@@ -191,8 +189,6 @@ def test_non_positive_values_rejected(write_config, key, value):
     assert f"{key} must be greater than 0" in message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: settings._validate lets NaN through the 'greater than 0' "
-                   "check (nan <= 0 is False); asyncio.sleep(nan) then never returns, so stats never flush")
 @pytest.mark.parametrize("value", ["nan", "NaN"])
 def test_nan_interval_rejected(value):
     with pytest.raises(ConfigError, match="stats.flush_interval_seconds"):
@@ -324,8 +320,6 @@ def test_invalid_yaml_names_file_and_line(tmp_path, text, line):
     assert message.startswith(f"{path}: line {line} invalid YAML")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: settings.load_settings formats a yaml.ReaderError (control "
-                   "character in the file) with str(exc), which spans two lines and names no line")
 def test_control_character_in_yaml_is_a_one_line_error(tmp_path):
     path = tmp_path / "ctl.yaml"
     path.write_text("proxy:\n  host: a\x01b\n", encoding="utf-8")
