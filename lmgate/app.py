@@ -96,16 +96,19 @@ async def readyz(request: web.Request) -> web.Response:
     if holder.last_error:
         problems.append(f"allow-list: {holder.last_error} (previous list in force)")
     writer = app[WRITER]
-    folder = writer.path.parent
-    existing = folder if folder.exists() else folder.parent
-    if not (existing.is_dir() and os.access(existing, os.W_OK)):
-        problems.append(f"stats: {folder} is not writable")
+    if not _writable_folder(writer.path.parent):
+        problems.append(f"stats: {writer.path.parent} is not writable")
     if writer.last_error:
         problems.append(f"stats: {writer.last_error}")
     body = {"ready": not problems, "allowlist_keys": len(holder.current),
             "stats_buffered": writer.buffered, "stats_written": writer.written,
             "reports_dropped": app[REPORTS].dropped, "problems": problems}
     return web.json_response(body, status=503 if problems else 200)
+
+
+def _writable_folder(folder) -> bool:
+    existing = folder if folder.exists() else folder.parent
+    return existing.is_dir() and os.access(existing, os.W_OK)
 
 
 def _to_record(kind: str, query: str, body: bytes, received_at: float) -> dict | None:
@@ -220,6 +223,9 @@ def _capture_limit(settings: Settings) -> int:
 def serve(settings: Settings) -> None:
     """Run the sidecar until SIGTERM/SIGINT; buffered records are written before exit."""
     app = create_app(settings)
+    if not _writable_folder(settings.stats.output_path.parent):
+        log.error("stats folder %s is not writable: records stay in memory until it is",
+                  settings.stats.output_path.parent)
     log.info("sidecar listening on %s:%d (fallback udp %d), allow-list %s (%d keys), stats %s",
              settings.server.host, settings.server.port, settings.server.fallback_port,
              settings.auth.allowlist_path, len(app[ALLOWLIST].current), settings.stats.output_path)

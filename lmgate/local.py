@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from lmgate.allowlist import AllowListError, load_allowlist
 from lmgate.nginx_conf import RenderError, find_nginx, write_config
@@ -27,6 +28,9 @@ log = logging.getLogger("lmgate.up")
 # nginx writes the request line into some error messages; a `key=` query parameter there is a key.
 _KEY_IN_QUERY = re.compile(r"([?&]key=)([^&\s\"]+)")
 SIDECAR_START_SECONDS = 15
+# nginx resolves host names only when it (re)loads its config; this often the supervisor checks
+# whether the sidecar's or a provider's address changed (a restarted container, DNS) and reloads.
+RESOLVE_INTERVAL_SECONDS = 10
 RESTART_BACKOFF_SECONDS = (0.2, 0.5, 1, 2, 5)
 
 
@@ -54,6 +58,32 @@ class NginxProcess:
         self.binary = find_nginx(settings.proxy.nginx_binary)
         self.conf = write_config(settings, self.runtime_dir / "nginx.conf", self.runtime_dir)
         self.proc: subprocess.Popen | None = None
+        hosts = {urlsplit(p.upstream).hostname for p in settings.providers.values()}
+        hosts.add(settings.server.reachable_host)
+        self._hosts = sorted(h for h in hosts if h)
+        self._addresses = self._resolve()
+        self._next_resolve = time.monotonic() + RESOLVE_INTERVAL_SECONDS
+
+    def _resolve(self) -> dict[str, frozenset[str]]:
+        addresses = {}
+        for host in self._hosts:
+            try:
+                addresses[host] = frozenset(info[4][0] for info in socket.getaddrinfo(host, None))
+            except OSError:
+                addresses[host] = frozenset()  # unresolvable now: keep what nginx has
+        return addresses
+
+    def reload_if_addresses_changed(self) -> None:
+        """Reload nginx (SIGHUP: graceful) when a host it dials now resolves elsewhere."""
+        if time.monotonic() < self._next_resolve or self.proc is None or self.proc.poll() is not None:
+            return
+        self._next_resolve = time.monotonic() + RESOLVE_INTERVAL_SECONDS
+        fresh = self._resolve()
+        changed = [h for h in self._hosts if fresh[h] and fresh[h] != self._addresses.get(h)]
+        if changed:
+            log.info("address of %s changed; reloading nginx", ", ".join(changed))
+            self._addresses.update({h: fresh[h] for h in changed})
+            self.proc.send_signal(signal.SIGHUP)
 
     def _cmd(self, *extra: str) -> list[str]:
         return [str(self.binary), "-p", str(self.runtime_dir), "-c", str(self.conf), *extra]
@@ -94,6 +124,7 @@ def run_nginx(settings: Settings) -> int:
         if nginx.proc.poll() is not None:
             log.error("nginx exited with code %s", nginx.proc.returncode)
             return 1
+        nginx.reload_if_addresses_changed()
     nginx.stop()
     return 0
 
@@ -175,6 +206,7 @@ class Up:
             if self.nginx.proc.poll() is not None:
                 log.error("nginx exited with code %s; stopping", self.nginx.proc.returncode)
                 return 1
+            self.nginx.reload_if_addresses_changed()
             if self.sidecar.poll() is not None:
                 # nginx fails closed (403) meanwhile; bring the sidecar back.
                 delay = RESTART_BACKOFF_SECONDS[min(restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
