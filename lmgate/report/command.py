@@ -97,7 +97,8 @@ def run_report(args: argparse.Namespace, stats_path: Path, prices_path: Path,
     err = sys.stderr
     now = _now()
     try:
-        by = parse_by(getattr(args, "by", None) or "")
+        by_text = getattr(args, "by", None)
+        by = parse_by(DEFAULT_BY if by_text is None else by_text)
         since = parse_when(getattr(args, "since", None), "--since", now)
         until = parse_when(getattr(args, "until", None), "--until", now)
         if since and until and ts_bound(since) >= ts_bound(until):

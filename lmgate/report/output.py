@@ -227,13 +227,14 @@ def table_lines(report: Report, ellipsis: str = "…") -> list[str]:
     else:
         # Stacked: the group's values on one line, its numbers indented on the next.
         widths = _fit(grp_w, WIDTH, 2)
-        lines.append(grp(grp_heads, widths).rstrip())
-        lines.append("  " + nums(heads, "  "))
+        gap = "  " if 2 + len(nums(heads, "  ")) <= WIDTH else " "
+        lines.append(grp(grp_heads, widths))
+        lines.append("  " + nums(heads, gap))
         for g, n in zip(group_cells, number_cells):
-            lines.append(grp(g, widths).rstrip())
-            lines.append("  " + nums(n, "  "))
+            lines.append(grp(g, widths))
+            lines.append("  " + nums(n, gap))
         lines.append("TOTAL")
-        lines.append("  " + nums(number_cells[-1], "  "))
+        lines.append("  " + nums(number_cells[-1], gap))
     if not report.rows:
         lines.append("(no records)")
     lines += _legend(report)

@@ -1,24 +1,29 @@
 """Reading the stats files: every rotated file in rotation order, then the current one, summed into
 one accumulator per group in constant memory (no record is kept).
 
-Speed. `json.loads` costs 3-4 µs per 500-byte record on a small server, so whole chunks (1 MiB) take
-a fast path that never builds a dict per record. The writer puts each record on one line with the
-same keys in the same order, and inside a JSON string every `"` is escaped, so the item separator
-(`,"`, or `, "`) occurs only between items. One `bytes.split` cuts a chunk into items, and a field
-becomes a column by slicing that list (`parts[i::K-1]`): C loops, no per-record dict.
+Speed. `json.loads` costs 3-4 µs per 500-byte record on a small server, so chunks of whole lines
+(1 MiB) take a fast path that never builds a dict per record. The writer puts each record on one
+line with the same keys in the same order, and inside a JSON string every `"` is escaped, so the
+item separator (`,"`, or `, "`) occurs only between items. One `bytes.split` cuts a chunk into
+items, and a field becomes a column by slicing that list (`parts[i::K-1]`): C loops throughout,
+and one short Python loop per record that adds its tokens to its group.
 
 - Alignment: the last item of line j and the first of line j+1 share one part ("...}\\n{..."); each
   of those parts must hold exactly one newline, and the first and last items of every line are
   checked, so every line has exactly K items.
-- Timestamps are checked over the joined column; token columns must be bare non-negative integers
-  or null; the other fields a report uses are decoded with json.loads once per distinct value.
+- Checks: timestamps over the joined column; token columns must be bare non-negative integers or
+  null; the fields a report can read must be strings or null (status: an integer or null), and
+  those in the group key are decoded with json.loads once per distinct value.
 - A chunk that fails any check (a torn or garbage line, another key order, a wrong type, ...) is read
   again line by line with json.loads, which decides, skips and reports malformed lines. The totals
-  never depend on the path taken, except that the fast path does not inspect fields the report
-  does not use (request_id, masked_key, duration_ms, ...).
+  never depend on the path taken, except that the fast path does not look into fields no report
+  reads (request_id, masked_key, duration_ms, ...).
 
 The key order (the "layout") is learned from the lines themselves, so the fast path follows the
 writer when its fields change; a layout it cannot use only makes the report slower.
+
+Inputs of PARALLEL_MIN_BYTES or more are cut into ranges of whole lines, read by one process per
+available CPU; ranges are merged in file order, so malformed lines keep their line numbers.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import multiprocessing
 import os
 import re
 import threading
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import compress, repeat
@@ -172,7 +176,7 @@ def _typed_column(items: list[bytes], name: str, kind: str, prefix: bytes) -> bo
     if name == "status":
         text = b",".join(items).replace(prefix, b"").replace(b"null", b"0")
         return text.replace(b",", b"").isdigit()
-    joined = b"\n" + b"\n".join(items) + b"\n"      # an item holds no newline
+    joined = b"\n" + b"\n\n".join(items) + b"\n"    # an item holds no newline
     return joined.count(b"\n" + prefix + b'"') + joined.count(b"\n" + prefix + b"null\n") == len(items)
 
 
@@ -219,11 +223,11 @@ class _Plan:
             else:
                 i = col[name]
                 self.key_cols.append((name, _kind(i, self.k), i, None))
-        # (position in the sums, column, item prefix)
         # Checked fields the key leaves out: (name, kind, column, item prefix).
         self.check_cols = [(name, _kind(col[name], self.k), col[name], name.encode() + kv)
                            for name in CHECKED_FIELDS if name in col and name not in key_fields]
-        self.tok_cols = [(j + 1, col[name], name.encode() + kv)
+        # (index in TOKEN_FIELDS, column, item prefix)
+        self.tok_cols = [(j, col[name], name.encode() + kv)
                          for j, name in enumerate(TOKEN_FIELDS) if name in col]
         self._decoded: dict[tuple, tuple] = {}     # raw key -> values, for every valid raw key
         self._items: dict[tuple[str, bytes], object] = {}   # (name, raw item) -> value or _BAD
@@ -314,42 +318,37 @@ class _Plan:
                 columns.append(repeat(None, n))
             else:
                 columns.append(column(i))
-        where = []                          # positions in the sums of the varying token columns
-        tokens = []
+        tokens: list[Iterable[int]] = [repeat(0)] * len(TOKEN_FIELDS)
         for j, i, prefix in self.tok_cols:
             items = column(i)
             if items.count(prefix + b"null") + items.count(prefix + b"0") == n:
-                continue                    # nothing to add
+                continue                    # all null or zero
             values = _int_column(items, prefix, n)
             if values is None:
                 return None
-            where.append(j)
-            tokens.append(values)
+            tokens[j] = values
         del parts, edges, first, last
-        rows = zip(zip(*columns), zip(*tokens) if tokens else repeat(()))
+        keys = zip(*columns)
         if select is not None:
-            rows = compress(rows, select)
-        groups: defaultdict[tuple, list] = defaultdict(list)
-        for key, toks in rows:
-            groups[key].append(toks)
+            keys = compress(keys, select)
+            tokens = [compress(values, select) for values in tokens]
+        keys = list(keys)
         decoded = self._decoded
-        for raw in groups:                  # check every new key before adding anything
-            if raw not in decoded and self.decode_key(raw) is None:
+        for raw in set(keys).difference(decoded):      # check new keys before adding anything
+            if self.decode_key(raw) is None:
                 return None
         sums = self.raw_sums
-        width = 1 + len(TOKEN_FIELDS)
-        for raw, found in groups.items():
-            acc = sums.get(raw)
+        get = sums.get
+        for key, (t1, t2, t3, t4, t5) in zip(keys, zip(*tokens)):
+            acc = get(key)
             if acc is None:
-                acc = sums[raw] = [0] * width
-            if len(found) == 1:
-                acc[0] += 1
-                for j, value in zip(where, found[0]):
-                    acc[j] += value
-            else:
-                acc[0] += len(found)
-                for j, total in zip(where, map(sum, zip(*found))):
-                    acc[j] += total
+                acc = sums[key] = [0, 0, 0, 0, 0, 0]
+            acc[0] += 1
+            acc[1] += t1
+            acc[2] += t2
+            acc[3] += t3
+            acc[4] += t4
+            acc[5] += t5
         return n
 
     def take_sums(self) -> dict[tuple, list[int]]:
