@@ -182,16 +182,20 @@ def _typed_column(items: list[bytes], name: str, kind: str, prefix: bytes) -> bo
 
 def _int_column(items: list[bytes], prefix: bytes, n: int) -> list[int] | None:
     """`name":123` items -> ints (null -> 0); None unless every item is a bare int >= 0 or null."""
-    text = b",".join(items).replace(prefix, b"")
+    text = b",".join(items)
+    if text.count(prefix) != n:
+        return None
     if b"null" in text:
-        text = text.replace(b"null", b"0")
-    if not text.replace(b",", b"").isdigit():
+        text = text.replace(prefix + b"null", prefix + b"0")
+    # Deleting the prefix's bytes must delete exactly the n prefixes, and leave digits and commas.
+    values = text.translate(None, prefix)
+    if len(values) != len(text) - n * len(prefix) or not values.replace(b",", b"").isdigit():
         return None
     try:
-        values = json.loads(b"[" + text + b"]")    # also refuses leading zeros and empty items
+        ints = json.loads(b"[" + values + b"]")     # also refuses leading zeros and empty items
     except ValueError:
         return None
-    return values if len(values) == n else None
+    return ints if len(ints) == n else None
 
 
 class _Plan:

@@ -464,6 +464,14 @@ def test_fast_path_was_exercised_above() -> None:
     assert sum(FAST_CHUNKS) > 0
 
 
+def test_fast_token_columns_take_only_plain_counts() -> None:
+    p = b'input_tokens":'
+    assert scan._int_column([p + b"5", p + b"null", p + b"12"], p, 3) == [5, 0, 12]
+    for odd in (b"1e5", b"-1", b"true", b"05", b"", b'"5"', b"5.0", b"1_000", b" 5"):
+        assert scan._int_column([p + b"5", p + odd], p, 2) is None, odd
+    assert scan._int_column([p + b"5", b'total_tokens":3'], p, 2) is None
+
+
 @pytest.mark.parametrize("by", [("owner", "day"), ("provider",), GROUP_FIELDS])
 def test_fast_path_takes_the_writers_records(tmp_path: Path, monkeypatch, by: tuple[str, ...]) -> None:
     """Only speed depends on this: ordinary records, nulls included, never need the careful path."""
