@@ -513,8 +513,9 @@ def test_malformed_authorization_values_are_refused_in_the_providers_shape(route
 def test_a_key_that_is_not_utf8_is_refused_as_forbidden(routed, routes_mock):
     seen = len(routes_mock.seen)
     mark = routed.mark()
+    key = b"sk-\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6\xf5"
     status, _, body = raw_request(routed.port, b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                                               b"Authorization: Bearer sk-\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6\xf5\r\n"
+                                               b"Authorization: Bearer " + key + b"\r\n"
                                                b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
     assert status == 403
     assert len(routes_mock.seen) == seen
