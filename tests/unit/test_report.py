@@ -228,8 +228,8 @@ def test_rotated_files_long_before_since_are_not_opened(run, tmp_path: Path) -> 
     write(data / "stats.20261110T000000Z.jsonl", [rec("2026-11-09T23:30:00.000Z")])
     write(data / "stats.jsonl", [rec("2026-11-10T00:30:00.000Z")])
     code, out, err = run("--format", "json", "--since", "2026-11-10", "--by", "day")
-    assert json.loads(out) == [dict(json.loads(out)[0], day="2026-11-10", requests=1)]
-    assert "garbage" not in err and str(old) not in err      # not even read
+    assert [(r["day"], r["requests"]) for r in json.loads(out)] == [("2026-11-10", 1)]
+    assert str(old) not in err                                  # not even read
     code, out, err = run("--format", "json", "--by", "day")
     assert f"{old}:2: not valid JSON" in err
 
