@@ -10,6 +10,7 @@ generated request once.
     scripts/bench_report.py                      # 1M records, all CPUs
     scripts/bench_report.py --records 20000      # quick
     scripts/bench_report.py --workers 1          # one process
+    scripts/bench_report.py --keep /tmp/bench --repeat 5   # keep the data, best of 5 runs
 """
 
 from __future__ import annotations
@@ -174,26 +175,42 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1_000_000, help="records to generate (default 1,000,000)")
     parser.add_argument("--workers", default="auto", help="report processes (default: one per CPU)")
     parser.add_argument("--by", default="owner,provider,model", help="--by of the report")
-    parser.add_argument("--keep", type=Path, help="generate into this folder and keep it")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the report this many times; the best and the median are shown")
+    parser.add_argument("--keep", type=Path,
+                        help="generate into this folder and keep it; reused if it already holds "
+                             "that many records")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lmgate-bench-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / "bench-records.txt"
         started = time.perf_counter()
-        stats, n = generate(folder, args.records)
+        if marker.exists() and marker.read_text().strip() == str(args.records):
+            stats, n, verb = folder / "stats.jsonl", args.records, "reused"
+        else:
+            for old in folder.glob("stats*.jsonl"):
+                old.unlink()
+            stats, n = generate(folder, args.records)
+            marker.write_text(f"{n}\n")
+            verb = "generated"
         files = sorted(folder.glob("stats*.jsonl"))
         size = sum(f.stat().st_size for f in files)
-        print(f"generated {n:,} records in {len(files)} files ({len(files) - 1} rotated), "
+        print(f"{verb} {n:,} records in {len(files)} files ({len(files) - 1} rotated), "
               f"{size / 1e6:,.1f} MB, in {time.perf_counter() - started:.1f} s")
 
-        result = run_report_process(stats, args.workers, "table", args.by)
-        rate = n / result["seconds"]
-        print(f"report (table, --by {args.by}, {result['workers']} process"
-              f"{'es' if result['workers'] > 1 else ''}): {result['seconds']:.2f} s, "
-              f"{rate:,.0f} records/s")
-        print(f"peak memory (ru_maxrss): report process {result['self_mb']:.1f} MB, "
-              f"largest worker {result['children_mb']:.1f} MB")
+        runs = [run_report_process(stats, args.workers, "table", args.by)
+                for _ in range(max(args.repeat, 1))]
+        seconds = sorted(r["seconds"] for r in runs)
+        best, median = seconds[0], seconds[len(seconds) // 2]
+        workers = runs[0]["workers"]
+        print(f"report (table, --by {args.by}, {workers} process{'es' if workers > 1 else ''}): "
+              f"{best:.2f} s, {n / best:,.0f} records/s"
+              + (f" (best of {len(runs)}; median {median:.2f} s, {n / median:,.0f} records/s)"
+                 if len(runs) > 1 else ""))
+        print(f"peak memory (ru_maxrss): report process {max(r['self_mb'] for r in runs):.1f} MB, "
+              f"largest worker {max(r['children_mb'] for r in runs):.1f} MB")
 
         check = run_report_process(stats, args.workers, "json", "provider")
         counted = sum(row["requests"] for row in json.loads(check["output"]))

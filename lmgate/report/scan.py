@@ -233,8 +233,10 @@ class _Plan:
         # (index in TOKEN_FIELDS, column, item prefix)
         self.tok_cols = [(j, col[name], name.encode() + kv)
                          for j, name in enumerate(TOKEN_FIELDS) if name in col]
-        self._decoded: dict[tuple, tuple] = {}     # raw key -> values, for every valid raw key
-        self._items: dict[tuple[str, bytes], object] = {}   # (name, raw item) -> value or _BAD
+        # raw key -> values, for every valid raw key; (name, raw item) -> value or _BAD. Shared by
+        # the plans of a process for the same layout and key, so that a worker reading many
+        # ranges decodes each key once.
+        self._decoded, self._items = _decode_caches(layout, tuple(key_fields))
         self.raw_sums: dict[tuple, list[int]] = {}
 
     @classmethod
@@ -335,18 +337,19 @@ class _Plan:
         keys = zip(*columns)
         if select is not None:
             keys = compress(keys, select)
-            tokens = [compress(values, select) for values in tokens]
+            tokens = [list(compress(values, select)) for values in tokens]
         keys = list(keys)
-        decoded = self._decoded
-        for raw in set(keys).difference(decoded):      # check new keys before adding anything
-            if self.decode_key(raw) is None:
-                return None
         sums = self.raw_sums
         get = sums.get
+        added = []                          # keys this chunk put in `sums`
         for key, (t1, t2, t3, t4, t5) in zip(keys, zip(*tokens)):
             acc = get(key)
             if acc is None:
+                if key not in self._decoded and self.decode_key(key) is None:
+                    self._undo(keys[:keys.index(key)], tokens, added)    # its first row
+                    return None
                 acc = sums[key] = [0, 0, 0, 0, 0, 0]
+                added.append(key)
             acc[0] += 1
             acc[1] += t1
             acc[2] += t2
@@ -355,6 +358,20 @@ class _Plan:
             acc[5] += t5
         return n
 
+    def _undo(self, keys: list[tuple], tokens: list, added: list[tuple]) -> None:
+        """Take back the rows of a chunk that turned out to need the careful path."""
+        sums = self.raw_sums
+        for key, (t1, t2, t3, t4, t5) in zip(keys, zip(*tokens)):
+            acc = sums[key]
+            acc[0] -= 1
+            acc[1] -= t1
+            acc[2] -= t2
+            acc[3] -= t3
+            acc[4] -= t4
+            acc[5] -= t5
+        for key in added:
+            del sums[key]
+
     def take_sums(self) -> dict[tuple, list[int]]:
         """The sums added so far, by decoded key (and start again from zero)."""
         sums: dict[tuple, list[int]] = {}
@@ -362,6 +379,17 @@ class _Plan:
             _add_to(sums, self._decoded[raw], add)
         self.raw_sums = {}
         return sums
+
+
+_CACHES: dict[tuple[Layout, tuple[str, ...]], tuple[dict, dict]] = {}
+_CACHE_LIMIT = 1_000_000      # entries; past it a cache starts again (memory stays bounded)
+
+
+def _decode_caches(layout: Layout, key_fields: tuple[str, ...]) -> tuple[dict, dict]:
+    caches = _CACHES.get((layout, key_fields))
+    if caches is None or len(caches[0]) + len(caches[1]) > _CACHE_LIMIT:
+        caches = _CACHES[(layout, key_fields)] = ({}, {})
+    return caches
 
 
 def _kind(column: int, k: int) -> str:

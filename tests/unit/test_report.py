@@ -464,6 +464,21 @@ def test_fast_path_was_exercised_above() -> None:
     assert sum(FAST_CHUNKS) > 0
 
 
+def test_a_bad_key_late_in_a_chunk_leaves_no_trace(tmp_path: Path, monkeypatch) -> None:
+    """The fast path adds rows before it meets a malformed group value; it must take them back."""
+    monkeypatch.setattr(scan, "CHUNK_BYTES", 8192)
+    records = [line(rec(owner=f"o{i % 3}", input_tokens=i)) for i in range(100)]
+    records[77] = line(rec(owner=42))
+    records[78] = line(rec(owner="new-owner", input_tokens=5))
+    path = write(tmp_path / "s.jsonl", records)
+    scanner = Scanner(("owner",))
+    with open(path, "rb") as f:
+        scanner.scan_stream(f, str(path))
+    assert scanner.fast_chunks and scanner.slow_chunks == 1
+    assert scanner.sums == reference([path], ("owner",), None, None)
+    assert scanner.bad_samples == [(str(path), 78, "owner is not a string or null")]
+
+
 def test_fast_token_columns_take_only_plain_counts() -> None:
     p = b'input_tokens":'
     assert scan._int_column([p + b"5", p + b"null", p + b"12"], p, 3) == [5, 0, 12]
