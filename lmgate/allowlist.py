@@ -130,6 +130,10 @@ def load_allowlist(path: Path) -> AllowList:
     return parse_allowlist(data, str(path))
 
 
+def _raise(exc: Exception):
+    raise exc
+
+
 def _signature(path: Path) -> tuple[int, int, int, int] | None:
     # mtime_ns, size and inode together also catch a file replaced within the same mtime second.
     try:
@@ -150,8 +154,8 @@ class AllowListHolder:
         self.last_error: str | None = None
         self.pending = False
 
-    def check(self) -> bool:
-        """Reload if the file changed; return True if a new list is now in force."""
+    def _changed(self) -> bool:
+        """Whether the file changed and has settled; marks it as seen."""
         signature = _signature(self.path)
         if signature == self._signature:
             return False
@@ -162,8 +166,28 @@ class AllowListHolder:
             return False
         self.pending = False
         self._signature = signature
+        return True
+
+    def check(self) -> bool:
+        """Reload if the file changed; return True if a new list is now in force."""
+        return self._changed() and self._swap(self._load)
+
+    async def check_async(self) -> bool:
+        """check(), with the parsing in a thread: a huge list must not stall /auth meanwhile."""
+        if not self._changed():
+            return False
         try:
-            fresh = load_allowlist(self.path)
+            fresh = await asyncio.to_thread(load_allowlist, self.path)
+        except AllowListError as exc:
+            return self._swap(lambda: _raise(exc))
+        return self._swap(lambda: fresh)
+
+    def _load(self) -> AllowList:
+        return load_allowlist(self.path)
+
+    def _swap(self, load) -> bool:
+        try:
+            fresh = load()
         except AllowListError as exc:
             if str(exc) != self.last_error:
                 log.error("allow-list not reloaded, previous list (%d keys) stays in force: %s",
@@ -180,6 +204,6 @@ class AllowListHolder:
         while True:
             await asyncio.sleep(SETTLE_NS / 1e9 if self.pending else self.poll_interval)
             try:
-                self.check()
+                await self.check_async()
             except Exception:  # never let the poller die: the gate keeps the last good list
                 log.exception("allow-list poll failed")

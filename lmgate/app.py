@@ -23,7 +23,7 @@ from aiohttp import web
 from lmgate import records
 from lmgate.allowlist import AllowListHolder, mask_key
 from lmgate.keys import KeyProblem, extract_key
-from lmgate.settings import Settings
+from lmgate.settings import Settings, size_bytes
 from lmgate.writer import StatsWriter
 
 log = logging.getLogger("lmgate.sidecar")
@@ -58,6 +58,7 @@ class ReportQueue:
 
 
 REPORTS = web.AppKey("reports", ReportQueue)
+WORKER = web.AppKey("worker", asyncio.Task)
 
 
 async def auth(request: web.Request) -> web.Response:
@@ -68,14 +69,15 @@ async def auth(request: web.Request) -> web.Response:
     except KeyProblem as problem:
         return web.Response(status=403, headers={"X-LMGate-Reason": str(problem)})
     entry = request.app[ALLOWLIST].current.lookup(key)
-    masked = mask_key(key)
+    # A key of arbitrary bytes arrives with surrogates; keep them encodable.
+    masked = quote(mask_key(key), safe="", errors="surrogateescape")
     if entry is None:
-        return web.Response(status=403, headers={"X-LMGate-Key": quote(masked, safe=""),
+        return web.Response(status=403, headers={"X-LMGate-Key": masked,
                                                  "X-LMGate-Reason": "key not on the allow-list"})
     return web.Response(status=200, headers={
         "X-LMGate-ID": quote(entry.id, safe=""),
         "X-LMGate-Owner": quote(entry.owner, safe=""),
-        "X-LMGate-Key": quote(masked, safe=""),
+        "X-LMGate-Key": masked,
     })
 
 
@@ -100,6 +102,8 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"stats: {writer.path.parent} is not writable")
     if writer.last_error:
         problems.append(f"stats: {writer.last_error}")
+    if app[WORKER].done():
+        problems.append("stats: the record worker has stopped")
     body = {"ready": not problems, "allowlist_keys": len(holder.current),
             "stats_buffered": writer.buffered, "stats_written": writer.written,
             "reports_dropped": app[REPORTS].dropped, "problems": problems}
@@ -117,22 +121,23 @@ def _to_record(kind: str, query: str, body: bytes, received_at: float) -> dict |
     return records.from_fallback(body, received_at)
 
 
+def _record_one(app: web.Application, item: tuple[str, str, bytes, float]) -> None:
+    try:
+        record = _to_record(*item)
+        if record is not None:
+            app[WRITER].add(record)
+    except Exception:  # a report we cannot read must not stop the others
+        log.exception("could not turn a %s report into a record", item[0])
+
+
 async def _work(app: web.Application) -> None:
     queue = app[REPORTS].queue
-    writer = app[WRITER]
     while True:
-        item = await queue.get()
-        for _ in range(BATCH):
-            try:
-                record = _to_record(*item)
-            except Exception:  # a report we cannot read must not stop the others
-                log.exception("could not turn a %s report into a record", item[0])
-                record = None
-            if record is not None:
-                writer.add(record)
+        _record_one(app, await queue.get())
+        for _ in range(BATCH - 1):
             if queue.empty():
                 break
-            item = queue.get_nowait()
+            _record_one(app, queue.get_nowait())
         await asyncio.sleep(0)
 
 
@@ -140,13 +145,7 @@ def drain(app: web.Application) -> None:
     """Turn every queued report into a record (used at shutdown)."""
     queue = app[REPORTS].queue
     while not queue.empty():
-        try:
-            record = _to_record(*queue.get_nowait())
-        except Exception:
-            log.exception("could not turn a report into a record")
-            continue
-        if record is not None:
-            app[WRITER].add(record)
+        _record_one(app, queue.get_nowait())
 
 
 class _FallbackProtocol(asyncio.DatagramProtocol):
@@ -177,7 +176,7 @@ async def allowlist_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def reports_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REPORTS] = ReportQueue(app[SETTINGS].stats.queue_size)
-    task = asyncio.create_task(_work(app))
+    task = app[WORKER] = asyncio.create_task(_work(app))
     yield
     task.cancel()
     drain(app)
@@ -216,6 +215,12 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None, *,
     return app
 
 
+def request_limits(settings: Settings) -> dict[str, int]:
+    """aiohttp's header limits, at least as large as what nginx lets through to /auth."""
+    line = max(size_bytes(settings.proxy.max_header_size), 8190) * 2
+    return {"max_line_size": line, "max_field_size": line, "max_headers": 4096}
+
+
 def _capture_limit(settings: Settings) -> int:
     return settings.stats.capture_head_bytes + settings.stats.capture_tail_bytes + 4096
 
@@ -231,7 +236,8 @@ def serve(settings: Settings) -> None:
              settings.auth.allowlist_path, len(app[ALLOWLIST].current), settings.stats.output_path)
     try:
         web.run_app(app, host=settings.server.host, port=settings.server.port, print=None,
-                    access_log=None, handle_signals=True, shutdown_timeout=5, reuse_address=True)
+                    access_log=None, handle_signals=True, shutdown_timeout=5, reuse_address=True,
+                    **request_limits(settings))
     except OSError as exc:  # typically a port already in use: one line, no traceback
         raise SystemExit(f"lmgate: the sidecar cannot listen on {settings.server.host}:"
                          f"{settings.server.port} (udp {settings.server.fallback_port}): "

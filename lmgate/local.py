@@ -8,7 +8,6 @@ and its sidecar service runs `lmgate serve`.
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import socket
 import subprocess
@@ -21,12 +20,11 @@ from urllib.parse import urlsplit
 
 from lmgate.allowlist import AllowListError, load_allowlist
 from lmgate.nginx_conf import RenderError, find_nginx, write_config
+from lmgate.redact import redact
 from lmgate.settings import Settings
 
 log = logging.getLogger("lmgate.up")
 
-# nginx writes the request line into some error messages; a `key=` query parameter there is a key.
-_KEY_IN_QUERY = re.compile(r"([?&]key=)([^&\s\"]+)")
 SIDECAR_START_SECONDS = 15
 # nginx resolves host names only when it (re)loads its config; this often the supervisor checks
 # whether the sidecar's or a provider's address changed (a restarted container, DNS) and reloads.
@@ -36,11 +34,6 @@ RESTART_BACKOFF_SECONDS = (0.2, 0.5, 1, 2, 5)
 
 class StartError(Exception):
     """LMGate cannot start; one line with the reason (and a hint)."""
-
-
-def redact(line: str) -> str:
-    return _KEY_IN_QUERY.sub(lambda m: m.group(1) + "..." + m.group(2)[-6:] if len(m.group(2)) > 12
-                             else m.group(1) + "...", line)
 
 
 def _pump(stream, prefix: str) -> None:
@@ -171,7 +164,9 @@ class Up:
 
     def _start_sidecar(self) -> None:
         cmd = [sys.executable, "-m", "lmgate", "serve", "--config", str(self.config_path)]
-        self.sidecar = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.sidecar = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        threading.Thread(target=_pump, args=(self.sidecar.stdout, ""), daemon=True).start()
         url = f"http://{self.settings.server.reachable_host}:{self.settings.server.port}/livez"
         deadline = time.monotonic() + SIDECAR_START_SECONDS
         while time.monotonic() < deadline:

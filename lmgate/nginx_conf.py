@@ -6,9 +6,13 @@ tests, so what is tested is what ships.
 
 from __future__ import annotations
 
+import grp
+import hashlib
 import os
 import re
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -137,6 +141,7 @@ def _upstream_block(name: str, upstream: str) -> str:
 def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path | None | str = "auto") -> str:
     """The complete nginx.conf text. `njs_module` "auto" resolves the proxy.njs_module setting."""
     runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
+    temp_dir, user = _temp_dir_and_user(runtime_dir)
     module = find_njs_module(settings.proxy.njs_module) if njs_module == "auto" else njs_module
     provider_template = (NGINX_DIR / "provider.conf.template").read_text()
     host = settings.proxy.host
@@ -147,6 +152,8 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "LOAD_MODULE": f"load_module {module};" if module else "# njs is built into this nginx",
         "WORKER_PROCESSES": settings.proxy.worker_processes,
         "RUNTIME_DIR": str(runtime_dir),
+        "TEMP_DIR": str(temp_dir),
+        "USER": f"user {user};" if user else "# workers run as the user that starts nginx",
         "ERROR_LOG_LEVEL": "info" if settings.logging.level.lower() == "debug" else "warn",
         "MAX_BODY_SIZE": settings.proxy.max_body_size,
         "MAX_HEADER_SIZE": settings.proxy.max_header_size,
@@ -164,10 +171,39 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
     return _fill((NGINX_DIR / "nginx.conf.template").read_text(), values)
 
 
+def _temp_dir_and_user(runtime_dir: Path) -> tuple[Path, str | None]:
+    """Where nginx spools large request bodies, and the user its workers run as.
+
+    Started as root, nginx runs its workers as an unprivileged user, who must be able to reach the
+    temp folders: the runtime folder may sit under a private home (/root), so they go under /tmp.
+    """
+    if os.geteuid() != 0:
+        return runtime_dir, None
+    user = "nobody nogroup" if _group_exists("nogroup") else "nobody"
+    return Path(tempfile.gettempdir()) / f"lmgate-nginx-{_short_hash(str(runtime_dir))}", user
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None) -> Path:
     """Render to `out` (atomically) and create the runtime folders nginx needs."""
     runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
     runtime_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir, _ = _temp_dir_and_user(runtime_dir)
+    temp_dir.mkdir(mode=0o755, exist_ok=True)
+    info = os.lstat(temp_dir)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise RenderError(f"{temp_dir} exists but is not a folder owned by this user; remove it")
     text = render(settings, runtime_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -155,9 +155,13 @@ def from_fallback(line: bytes, received_at: float) -> dict[str, Any] | None:
     provider_path = _provider_path(endpoint, provider)
     status = _int(meta.get("s"))
     nginx_error = meta.get("err") or None
-    if nginx_error not in NGINX_ERRORS and meta.get("done") != "OK":
-        # The client went away before the response was complete; nginx may still say 200.
-        status = 499
+    if nginx_error not in NGINX_ERRORS:
+        if meta.get("done") != "OK":
+            # The client went away before the response was complete; nginx may still say 200.
+            status = 499
+        elif meta.get("cut") == "1":
+            # nginx finished the call, but the provider's answer broke off (reset or timeout).
+            nginx_error = "upstream_unreachable"
     usage = Usage(model=_model_from_path(provider_path) if status < 400 or status == 499 else None,
                   stream=":stream" in provider_path or "event-stream" in meta.get("ct", ""))
     return _record(meta, status, usage, classify(status, nginx_error, None), received_at,

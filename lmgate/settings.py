@@ -100,6 +100,13 @@ class Settings:
     source: Path = Path("<defaults>")
 
 
+def size_bytes(text: str) -> int:
+    """An nginx size ("32k", "100m", "512") in bytes."""
+    text = text.strip().lower()
+    factor = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
+    return int(text[:-1] if factor != 1 else text) * factor
+
+
 def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read the YAML file, apply environment overrides, validate; raise ConfigError on any problem."""
     path = Path(path) if path else Path(os.environ.get("LMGATE_CONFIG", DEFAULT_CONFIG))
@@ -236,6 +243,12 @@ def _validate(s: Settings, path: Path) -> None:
     for key, value in positive.items():
         if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{path}: {key} must be greater than 0, got {value}")
+    for key, size in (("proxy.max_body_size", s.proxy.max_body_size),
+                      ("proxy.max_header_size", s.proxy.max_header_size)):
+        try:
+            size_bytes(size)
+        except ValueError:
+            raise ConfigError(f"{path}: {key} must be an nginx size like 512, 32k or 100m, got {size!r}") from None
     if s.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{path}: logging.level must be debug, info, warning or error, got {s.logging.level!r}")
     for name, provider in s.providers.items():

@@ -44,7 +44,9 @@ class StatsWriter:
         self._last_error_logged = 0.0
 
     def add(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+        # A lone surrogate (from a malformed body) becomes a \udXXX escape: still valid JSON.
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace") + b"\n"
         self._lines.append(line)
         if len(self._lines) > MAX_BUFFERED_RECORDS:
             del self._lines[0]

@@ -80,4 +80,9 @@ function unreported(r) {
     return st !== null && st.reported ? '' : '1';
 }
 
-export default {capture, unreported};
+// "1" when body bytes passed but the last buffer never came: the answer was cut short.
+function cut(r) {
+    return st !== null && st.total > 0 && !st.reported ? '1' : '';
+}
+
+export default {capture, unreported, cut};

@@ -85,7 +85,9 @@ class MockUpstream:
     async def _start(self) -> None:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Limits as generous as a real provider's, so header-size tests measure LMGate, not the mock.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, max_line_size=1 << 20,
+                                     max_field_size=1 << 20, max_headers=10000)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 

@@ -523,11 +523,11 @@ async def test_poller_survives_unexpected_error(keyfile, monkeypatch):
     holder = AllowListHolder(keyfile(HEADER + f"alice,{KEY_A},Alice,2024\n", 30), 0.01)
     calls = []
 
-    def boom():
+    async def boom():
         calls.append(1)
         raise RuntimeError("surprise")
 
-    monkeypatch.setattr(holder, "check", boom)
+    monkeypatch.setattr(holder, "check_async", boom)
     task = asyncio.create_task(holder.poll_forever())
     try:
         for _ in range(200):

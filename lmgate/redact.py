@@ -1,0 +1,33 @@
+"""Masking API keys out of log text we do not write ourselves (nginx's lines, library errors).
+
+nginx quotes the request line (with its query string) and, at info level, raw header lines; an
+HTTP library may quote an over-long header in its error. Everything that looks like a credential
+is reduced to its last 6 characters, the same as `allowlist.mask_key`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from lmgate.allowlist import mask_key
+
+# A whole query string: a key can hide behind any parameter name, encoded or not (ke%79=...).
+_QUERY = re.compile(r"\?[^\s\"']+")
+# Credential header values, as nginx or a library may quote them: "Authorization: Bearer X",
+# "x-api-key: X", also inside Python reprs (b'...').
+_HEADER = re.compile(r"(?i)\b(authorization|x-api-key|x-goog-api-key)(\s*[:=]\s*)(bearer\s+|basic\s+)?([^\s\"',\\]+)")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)([^\s\"',\\]+)")
+
+
+def redact(text: str) -> str:
+    text = _QUERY.sub("?<query hidden>", text)
+    text = _HEADER.sub(lambda m: m.group(1) + m.group(2) + (m.group(3) or "") + mask_key(m.group(4)), text)
+    return _BEARER.sub(lambda m: m.group(1) + mask_key(m.group(2)), text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats like logging.Formatter, then masks credentials (tracebacks included)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
