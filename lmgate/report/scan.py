@@ -485,6 +485,8 @@ class Scanner:
         return sources, found
 
     def _scan_parallel(self, sources: list[_Source], held: BinaryIO | None, workers: int) -> None:
+        # About four ranges per worker: few results to merge, and little idle time at the end.
+        step = max(RANGE_BYTES, sum(src.size for src in sources) // (workers * 4))
         ranges = []
         for src in sources:
             try:
@@ -492,7 +494,7 @@ class Scanner:
             except FileNotFoundError:
                 continue
             try:
-                ranges += [(src, start, end) for start, end in _split(f, src.size)]
+                ranges += [(src, start, end) for start, end in _split(f, src.size, step)]
             finally:
                 if f is not held:
                     f.close()
@@ -665,7 +667,7 @@ def _file_id(f: BinaryIO) -> tuple[int, int]:
 # ---------------------------------------------------------------- parallel ranges
 
 PARALLEL_MIN_BYTES = 64 << 20     # below this, starting processes costs more than it saves
-RANGE_BYTES = 32 << 20
+RANGE_BYTES = 32 << 20           # the smallest range given to a worker
 
 
 @dataclass(frozen=True)
@@ -690,10 +692,10 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _split(f: BinaryIO, size: int) -> list[tuple[int, int]]:
-    """[start, end) byte ranges of about RANGE_BYTES that begin and end at line starts."""
+def _split(f: BinaryIO, size: int, step: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of about `step` bytes that begin and end at line starts."""
     bounds = [0]
-    at = RANGE_BYTES
+    at = step
     while at < size:
         f.seek(at)
         f.readline(MAX_LINE_BYTES)
@@ -701,7 +703,7 @@ def _split(f: BinaryIO, size: int) -> list[tuple[int, int]]:
         if at >= size:
             break
         bounds.append(at)
-        at += RANGE_BYTES
+        at += step
     bounds.append(size)
     return list(zip(bounds, bounds[1:]))
 
