@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -484,10 +486,41 @@ class LineCounter:
         return self.total
 
 
+class RecordTally:
+    """The stats records written so far, each parsed once: how many, by status, and how many lack
+    the usage or the caller's identity that the mock's answers and the allow-list imply."""
+
+    def __init__(self, folder: Path) -> None:
+        self.lines = LineCounter(folder, "stats*.jsonl")
+        self.total = 0
+        self.by_status: Counter[str] = Counter()
+        self.usage_missing = 0
+        self.identity_missing = 0
+
+    def update(self) -> int:
+        for line in self.lines.read_new(keep=True):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = {"status": "unparsable"}
+            self.total += 1
+            self.by_status[str(rec.get("status")) + (f"/{rec['error_type']}" if rec.get("error_type") else "")] += 1
+            if rec.get("status") == 200 and not rec.get("error_type") and (
+                    rec.get("model") != MODEL or rec.get("input_tokens") != USAGE["prompt_tokens"]
+                    or rec.get("output_tokens") != USAGE["completion_tokens"]):
+                self.usage_missing += 1
+            if rec.get("lmgate_id") != "bench" or rec.get("owner") != "bench@example.com":
+                self.identity_missing += 1
+        return self.total
+
+    def snapshot(self) -> tuple[int, Counter[str], int, int]:
+        return self.total, Counter(self.by_status), self.usage_missing, self.identity_missing
+
+
 class Gate:
     """LMGate as shipped: `python -m lmgate up --config config/lmgate.yaml` with LMGATE_* overrides."""
 
-    def __init__(self, folder: Path, mock_port: int, cpu: Cpu, core: str) -> None:
+    def __init__(self, folder: Path, mock_port: int, cpu: Cpu, core: str, config: Path = CONFIG) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "allowlist.csv").write_text(f"id,api_key,owner,added\nbench,{KEY},bench@example.com,2026-01-01\n")
@@ -509,15 +542,20 @@ class Gate:
             "LMGATE_STATS__FLUSH_INTERVAL_SECONDS": str(FLUSH_INTERVAL),
             **{f"LMGATE_PROVIDERS__{p}__UPSTREAM": upstream for p in ("OPENAI", "ANTHROPIC", "GOOGLE", "GEMINI")},
         }
+        # Any other port the config declares (a future server.*_port) gets a free one too.
+        for key in re.findall(r"^  (\w+_port):", config.read_text(), re.M):
+            name = f"LMGATE_SERVER__{key.upper()}"
+            if key not in ("port", "fallback_port") and name not in env:
+                env[name] = str(free_port())
         env.pop("LMGATE_CONFIG", None)
-        self.proc = Proc("lmgate", cpu.on(core) + [sys.executable, "-m", "lmgate", "up", "--config", str(CONFIG)],
+        self.proc = Proc("lmgate", cpu.on(core) + [sys.executable, "-m", "lmgate", "up", "--config", str(config)],
                          folder / "lmgate.log", env=env, cwd=folder)
         url = f"http://127.0.0.1:{self.port}/healthz"
         wait_until(lambda: (http_ok(url) and http_ok(self.sidecar_url("/livez"))) or not self.proc.alive(),
                    30, "lmgate up to start")
         if not self.proc.alive():
             raise BenchError(f"lmgate up exited {self.proc.proc.returncode}:\n{self.proc.log_tail()}")
-        self.records = LineCounter(self.stats_dir, "stats*.jsonl")
+        self.records = RecordTally(self.stats_dir)
         self.sidecar = next((p for p in children(self.proc.pid) if " serve " in cmdline(p)), None)
         master = next((p for p in children(self.proc.pid) if "nginx" in cmdline(p)), None)
         kids = children(master) if master else []
@@ -561,6 +599,9 @@ class Run:
     core_us_per_req: dict[str, float] = field(default_factory=dict)
     core_busy: dict[str, float] = field(default_factory=dict)
     cpu_us_per_req: dict[str, float] = field(default_factory=dict)
+    # Share of the two cores used by processes that are not part of the benchmark (another job on
+    # the machine): the run's numbers are perturbed when this is more than a few percent.
+    other_load: float = 0.0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -609,7 +650,7 @@ class RecordCheck:
     label: str
     mock_served: int
     client_completed: int
-    records_mark: int
+    mark: tuple  # RecordTally.snapshot() when the run started
     ended_at: float
     records: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
@@ -626,7 +667,7 @@ class RecordCheck:
                 f"identity_missing={self.identity_missing} -> {verdict}")
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("records_mark", "ended_at")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("mark", "ended_at")}
 
 
 class Bench:
@@ -660,7 +701,7 @@ class Bench:
             port = free_port()
             self.bare = Nginx("bare nginx", self.folder / "bare", render_bare(self.folder / "bare", port, mock_port),
                               port, self.cpu, self.cpu.gate_core)
-        self.gate = Gate(self.folder / "gate", mock_port, self.cpu, self.cpu.gate_core)
+        self.gate = Gate(self.folder / "gate", mock_port, self.cpu, self.cpu.gate_core, self.args.config)
         self.rss["sidecar_start_kb"] = rss_kb(self.gate.sidecar)
         self.rss["nginx_worker_start_kb"] = rss_kb(self.gate.nginx_worker)
         self._check_responses()
@@ -690,7 +731,7 @@ class Bench:
         # Those requests went through LMGate too: wait for their records so the first run starts clean.
         self._settle_mock()
         n = len(self.args.cases)
-        self._finish_check(RecordCheck("responses", n, n, 0, time.monotonic()), quiet=True)
+        self._finish_check(RecordCheck("responses", n, n, (0, Counter(), 0, 0), time.monotonic()), quiet=True)
 
     def _settle_mock(self) -> int:
         """The mock's served count once in-flight requests have finished (stable for 0.15 s)."""
@@ -709,17 +750,26 @@ class Bench:
     def run(self, config: str, case: str, conns: int, duration: int, label: str | None = None,
             record: bool = True) -> Run:
         gated = config == "c"
-        mark_records = self.gate.records.count() if gated else 0
+        if gated:
+            self.gate.records.update()
+        mark_records = self.gate.records.snapshot() if gated else None
         served_before = self._settle_mock() if gated else self.served.count()
         pids = {"a": {"mock": self.mock.worker()},
                 "b": {"mock": self.mock.worker(), "nginx": self.bare.worker() if self.bare else None},
                 "c": {"mock": self.mock.worker(), "nginx": self.gate.nginx_worker,
                       "sidecar": self.gate.sidecar}}[config]
+        profilers = self._start_profilers(case, conns, duration) if gated and record else []
         ticks = {name: cpu_ticks(pid) for name, pid in pids.items()}
         cores = core_ticks()
         wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = self.load.run(config, self.url(config), case, conns, duration, drain=gated)
         wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        for prof in profilers:
+            try:
+                prof.wait(30)
+            except subprocess.TimeoutExpired:
+                prof.kill()
+                prof.wait()
         cores = {k: (v[0] - cores[k][0], v[1] - cores[k][1]) for k, v in core_ticks().items() if k in cores}
         ticks = {name: cpu_ticks(pid) - ticks[name] for name, pid in pids.items()}
         result.mock_served = (self._settle_mock() if gated else self.served.count()) - served_before
@@ -731,6 +781,13 @@ class Bench:
                 (wrk_after.ru_utime + wrk_after.ru_stime - wrk_before.ru_utime - wrk_before.ru_stime) * 1e6 / n, 1)
             result.core_us_per_req = {f"core{k}": round(busy * us, 1) for k, (busy, _) in cores.items()
                                       if k in (self.cpu.load_core, self.cpu.gate_core)}
+            ours = sum(ticks.values()) / CLK_TCK + (wrk_after.ru_utime + wrk_after.ru_stime
+                                                     - wrk_before.ru_utime - wrk_before.ru_stime)
+            used = sum(busy for k, (busy, _) in cores.items()
+                       if k in (self.cpu.load_core, self.cpu.gate_core)) / CLK_TCK
+            # Wall time of the whole wrk run (a drained run has one more, idle, second).
+            wall = result.duration + (DRAIN_SECONDS if gated else 0)
+            result.other_load = round(max(0.0, used - ours) / wall / 2, 3)
             # Busy share over the measured seconds (a drained run's last second is idle).
             result.core_busy = {f"core{k}": round(min(1.0, busy / CLK_TCK / result.duration), 3)
                                 for k, (busy, _) in cores.items() if k in (self.cpu.load_core, self.cpu.gate_core)}
@@ -741,6 +798,31 @@ class Bench:
             self.runs.append(result)
         return result
 
+    def _start_profilers(self, case: str, conns: int, duration: int) -> list[subprocess.Popen]:
+        """--profile DIR: py-spy on the sidecar and perf on the proxy core, during (c) runs at the
+        highest connection count. Both run on the load core (they perturb wrk and the mock a little)."""
+        folder = self.args.profile
+        if folder is None or conns != max(self.args.conns):
+            return []
+        folder.mkdir(parents=True, exist_ok=True)
+        seconds = str(max(1, duration - 1))
+        procs = []
+        py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if py_spy and self.gate.sidecar:
+            procs.append(subprocess.Popen(
+                self.cpu.on(self.cpu.load_core) + [py_spy, "record", "--pid", str(self.gate.sidecar), "--duration",
+                                                   seconds, "--rate", "200", "--format", "raw", "--nonblocking",
+                                                   "-o", str(folder / f"sidecar-{case}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if shutil.which("perf") and self.cpu.taskset:
+            procs.append(subprocess.Popen(
+                self.cpu.on(self.cpu.load_core) + ["perf", "record", "-F", "1999", "-g", "-C", self.cpu.gate_core,
+                                                   "-o", str(folder / f"perf-{case}.data"), "--", "sleep", seconds],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if not procs:
+            say("  --profile: neither py-spy nor perf found; nothing recorded")
+        return procs
+
     def check_pending(self) -> RecordCheck:
         check, self.pending = self.pending, None
         return self._finish_check(check)
@@ -750,25 +832,18 @@ class Bench:
         gate = self.gate
         timeout = 3 * FLUSH_INTERVAL + 15
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and gate.records.total - check.records_mark < check.mock_served:
+        while time.monotonic() < deadline and gate.records.update() - check.mark[0] < check.mock_served:
             time.sleep(0.1)
-            gate.records.count()
         # A doubled record would be written by the latest one flush interval after the last one.
         settle = check.ended_at + 2 * FLUSH_INTERVAL + 0.2 - time.monotonic()
         if settle > 0 and not quiet:
             time.sleep(settle)
-        gate.records.count()
-        check.records = gate.records.total - check.records_mark
-        parsed = self._records_since(check.records_mark)
-        for rec in parsed:
-            key = str(rec.get("status")) + (f"/{rec['error_type']}" if rec.get("error_type") else "")
-            check.by_status[key] = check.by_status.get(key, 0) + 1
-            if rec.get("status") == 200 and not rec.get("error_type") and (
-                    rec.get("model") != MODEL or rec.get("input_tokens") != USAGE["prompt_tokens"]
-                    or rec.get("output_tokens") != USAGE["completion_tokens"]):
-                check.usage_missing += 1
-            if rec.get("lmgate_id") != "bench" or rec.get("owner") != "bench@example.com":
-                check.identity_missing += 1
+        gate.records.update()
+        total, by_status, usage_missing, identity_missing = gate.records.snapshot()
+        check.records = total - check.mark[0]
+        check.by_status = dict(by_status - check.mark[1])
+        check.usage_missing = usage_missing - check.mark[2]
+        check.identity_missing = identity_missing - check.mark[3]
         check.reports_dropped = gate.readyz().get("reports_dropped")
         check.ok = (check.records == check.mock_served and not check.usage_missing and not check.identity_missing
                     and not check.reports_dropped)
@@ -778,29 +853,13 @@ class Bench:
             self.checks.append(check)
         return check
 
-    def _records_since(self, mark: int) -> list[dict]:
-        """Parse the stats records after the first `mark` ones (all files, oldest first)."""
-        out: list[dict] = []
-        seen = 0
-        files = sorted(self.gate.stats_dir.glob("stats*.jsonl"), key=lambda p: p.stat().st_mtime)
-        for path in files:
-            with open(path, "rb") as f:
-                for line in f:
-                    if not line.endswith(b"\n"):
-                        break
-                    seen += 1
-                    if seen > mark:
-                        try:
-                            out.append(json.loads(line))
-                        except ValueError:
-                            out.append({"status": "unparsable"})
-        return out
-
     # -------------------------------------------------------- the whole benchmark
     def warm(self, configs: tuple[str, ...], seconds: int) -> None:
         case = self.args.cases[0]
         for config in configs:  # LMGate first: its records flush while the others warm up
-            self.run(config, case, max(self.args.conns), seconds, label="warm-up", record=False)
+            # The mock alone is static nginx with nothing to warm: one second opens the connections.
+            self.run(config, case, max(self.args.conns), min(seconds, 1) if config == "a" else seconds,
+                     label="warm-up", record=False)
         if "c" in configs:
             self.check_pending()
         self.rss["sidecar_after_warmup_kb"] = rss_kb(self.gate.sidecar)
@@ -819,7 +878,8 @@ class Bench:
                 for config in ("c", "a", "b"):
                     r = self.run(config, case, conns, args.duration)
                     say(f"  {case:16s} c={conns:<3d} {CONFIG_TITLES[config]:14s} {r.rps:9.0f} req/s  "
-                        f"p50 {r.p50_ms:6.2f}  p90 {r.p90_ms:6.2f}  p99 {r.p99_ms:6.2f} ms")
+                        f"p50 {r.p50_ms:6.2f}  p90 {r.p90_ms:6.2f}  p99 {r.p99_ms:6.2f} ms"
+                        + (f"  (other load {r.other_load:.0%})" if r.other_load > 0.05 else ""))
                 self.check_pending()
         self.rss["sidecar_end_kb"] = rss_kb(self.gate.sidecar)
         self.rss["nginx_worker_end_kb"] = rss_kb(self.gate.nginx_worker)
@@ -833,7 +893,8 @@ class Bench:
             f"in segments of at most 60s; sidecar RSS after each")
         self.warm(("c",), args.warmup)
         series = [(0, self.rss["sidecar_after_warmup_kb"])]
-        mark = self.gate.records.count()
+        self.gate.records.update()
+        mark = self.gate.records.snapshot()
         served = completed = 0
         start = time.monotonic()
         i = 0
@@ -910,6 +971,13 @@ class Bench:
                     case_out.setdefault("records", {})[check.label] = check.as_dict()
             summary["cases"][case] = case_out
         say()
+        perturbed = [r for r in self.runs if r.other_load > 0.05]
+        summary["other_load_max"] = max((r.other_load for r in self.runs), default=0)
+        if perturbed:
+            say(f"WARNING: other processes used up to {summary['other_load_max']:.0%} of the two cores during "
+                f"{len(perturbed)} of {len(self.runs)} runs ("
+                + ", ".join(f"{r.config} {r.case} c={r.conns}" for r in perturbed[:6])
+                + (", ..." if len(perturbed) > 6 else "") + "): those numbers are perturbed; rerun on a quiet machine")
         summary["mock"] = {}
         for case in args.cases:
             # Per case: the mock's direct rate (wrk on the same core) and its own CPU per request
@@ -983,6 +1051,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--soak", type=int, metavar="SECONDS", help="LMGate alone at full load for SECONDS; "
                    "reports the sidecar's RSS at start and end (not run by default)")
     p.add_argument("--json", action="store_true", help="machine-readable results on stdout (tables go to stderr)")
+    p.add_argument("--config", type=Path, default=CONFIG, help=f"LMGate's config file (default {CONFIG})")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="record py-spy (sidecar) and perf (proxy core) profiles of the LMGate runs at the highest "
+                        "connection count into DIR (perturbs the load core; see docs/performance.md)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores with taskset")
     p.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs, stats)")
     args = p.parse_args(argv)
