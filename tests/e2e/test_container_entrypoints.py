@@ -29,6 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.gate import wait_until
+from tests.support.mock_upstream import free_port
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,23 +43,6 @@ ALLOWED_KEY = "sk-lmgate-docker-test-0123456789abcdef"
 UNLISTED_KEY = "sk-lmgate-docker-test-unlisted-000000"
 START_SECONDS = 20
 STOP_SECONDS = 15  # well under compose's stop_grace_period
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def http_status(url: str) -> int | None:

@@ -25,6 +25,7 @@ import yaml
 from lmgate.providers import PROVIDERS
 from tests.support.fault_upstream import FaultUpstream, closed_port
 from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate, wait_until
+from tests.support.http_head import parse_response
 from tests.support.hardening import (QUERY_KEY, SUITE_KEYS, KnownBug, find_leaks, gate_outputs, known_bug,
                                      readyz)
 from tests.support.mock_upstream import MockUpstream
@@ -56,15 +57,9 @@ def raw_request(port: int, data: bytes, timeout: float = 10) -> tuple[int | None
             if not chunk:
                 break
             received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    if not head:
+    if not received.partition(b"\r\n\r\n")[0]:
         return None, {}, b""
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ")[1]), headers, body
+    return parse_response(received)
 
 
 def _complete(received: bytes) -> bool:

@@ -30,6 +30,7 @@ from lmgate.allowlist import AllowListHolder, hash_key, mask_key
 from lmgate.app import REPORTS, create_app
 from lmgate.settings import load_settings
 from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY
+from tests.support.http_head import parse_response
 from tests.support.hardening import KnownBug, known_bug, rss_kib
 from tests.support.mock_upstream import free_port
 
@@ -89,13 +90,7 @@ class Sidecar:
             received = await asyncio.wait_for(reader.read(), 10)
         finally:
             writer.close()
-        head, _, body = received.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return int(lines[0].split(" ")[1]), headers, body
+        return parse_response(received)
 
     async def auth(self, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict[str, str], bytes]:
         lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
