@@ -174,6 +174,77 @@ async def allowlist_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
 
 
+class StatsProtocol(asyncio.Protocol):
+    """POST /stats on server.stats_port, from nginx only: HTTP/1.1 keep-alive with Content-Length
+    bodies (none: empty), answered 204 at once. Anything else (another method or path, a bad length, a
+    body over the capture limit, a head over 16 KiB, chunked encoding) closes the connection."""
+
+    MAX_HEAD = 16384
+
+    def __init__(self, reports: ReportQueue, limit: int) -> None:
+        self.reports = reports
+        self.limit = limit
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        answered = 0
+        while True:
+            end = buf.find(b"\r\n\r\n", 0, self.MAX_HEAD + 4)
+            if end < 0:
+                if len(buf) > self.MAX_HEAD:
+                    return self._close()
+                break
+            line, _, headers = bytes(buf[:end]).partition(b"\r\n")
+            parts = line.split(b" ")
+            if len(parts) != 3 or parts[0] != b"POST" or parts[1].partition(b"?")[0] != b"/stats" \
+                    or not parts[2].startswith(b"HTTP/1."):
+                return self._close()
+            length = None
+            for header in headers.split(b"\r\n"):
+                name, _, value = header.partition(b":")
+                name = name.strip().lower()
+                if name == b"transfer-encoding" or (name == b"content-length" and length is not None):
+                    return self._close()
+                if name == b"content-length":
+                    value = value.strip()
+                    if not value.isdigit():
+                        return self._close()
+                    length = int(value)
+            if length is None:
+                length = 0  # an empty capture: nginx sends no body
+            if length > self.limit:
+                return self._close()
+            total = end + 4 + length
+            if len(buf) < total:
+                break
+            body = bytes(buf[end + 4:total])
+            del buf[:total]
+            self.reports.put("capture", parts[1].partition(b"?")[2].decode("latin-1"), body)
+            answered += 1
+        if answered:
+            self.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n" * answered)
+
+    def _close(self) -> None:
+        self.buf.clear()
+        self.transport.close()
+
+
+async def stats_server_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    server = await asyncio.get_running_loop().create_server(
+        lambda: StatsProtocol(app[REPORTS], _capture_limit(s)), s.server.host, s.server.stats_port,
+        reuse_address=True)
+    yield
+    server.close()
+    await server.wait_closed()
+
+
 async def reports_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REPORTS] = ReportQueue(app[SETTINGS].stats.queue_size)
     task = app[WORKER] = asyncio.create_task(_work(app))
@@ -208,6 +279,7 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None, *,
     app.cleanup_ctx.append(reports_ctx)
     if listen_fallback:
         app.cleanup_ctx.append(fallback_ctx)
+        app.cleanup_ctx.append(stats_server_ctx)
     app.router.add_get("/auth", auth)
     app.router.add_post("/stats", stats)
     app.router.add_get("/livez", livez)

@@ -152,7 +152,8 @@ class Up:
         for what, host, port, kind in (
                 ("proxy.port", s.proxy.host, s.proxy.port, socket.SOCK_STREAM),
                 ("server.port", s.server.host, s.server.port, socket.SOCK_STREAM),
-                ("server.fallback_port", s.server.host, s.server.fallback_port, socket.SOCK_DGRAM)):
+                ("server.fallback_port", s.server.host, s.server.fallback_port, socket.SOCK_DGRAM),
+                ("server.stats_port", s.server.host, s.server.stats_port, socket.SOCK_STREAM)):
             if port_in_use(host, port, kind):
                 raise StartError(f"port {port} on {host} ({what}) is already in use; stop what uses it "
                                  f"or set LMGATE_{what.upper().replace('.', '__')}")

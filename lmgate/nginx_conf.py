@@ -128,6 +128,30 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
     return _fill(template, values)
 
 
+def _auth_cache_zone(settings: Settings, temp_dir: Path) -> str:
+    if settings.auth.cache_seconds <= 0:
+        return "# auth.cache_seconds is 0: every call asks the sidecar"
+    # In the workers' temp folder (they write it); files hold the sidecar's answer headers (id,
+    # owner, masked key) under a hash of the key material.
+    return (f"proxy_cache_path {temp_dir}/auth_cache levels=1:2 keys_zone=lmgate_auth:1m max_size=16m "
+            f"inactive=60s use_temp_path=off;")
+
+
+def _auth_cache(settings: Settings) -> str:
+    if settings.auth.cache_seconds <= 0:
+        return "            # no /auth cache (auth.cache_seconds is 0)"
+    return "\n".join([
+        "            # A \"yes\" is reused for auth.cache_seconds, keyed by a hash of the key material",
+        "            # ($lmgate_auth_key, set in the provider locations); refusals are never cached.",
+        "            proxy_cache lmgate_auth;",
+        "            proxy_cache_key $lmgate_auth_key;",
+        "            proxy_no_cache $lmgate_auth_nocache;",
+        "            proxy_cache_bypass $lmgate_auth_nocache;",
+        f"            proxy_cache_valid 200 {settings.auth.cache_seconds}s;",
+        "            proxy_ignore_headers Cache-Control Expires Set-Cookie Vary X-Accel-Expires;",
+    ])
+
+
 def _upstream_block(name: str, upstream: str) -> str:
     url = urlsplit(upstream)
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -161,7 +185,10 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "CAPTURE_HEAD_BYTES": str(settings.stats.capture_head_bytes),
         "CAPTURE_TAIL_BYTES": str(settings.stats.capture_tail_bytes),
         "SIDECAR_ADDRESS": f"{sidecar}:{settings.server.port}",
+        "STATS_ADDRESS": f"{sidecar}:{settings.server.stats_port}",
         "AUTH_TIMEOUT": f"{settings.server.auth_timeout_ms}ms",
+        "AUTH_CACHE_ZONE": _auth_cache_zone(settings, temp_dir),
+        "AUTH_CACHE": _auth_cache(settings),
         "LISTEN": listen,
         "PROVIDER_LIST": ", ".join(settings.providers),
         "UPSTREAMS": "".join(_upstream_block(n, p.upstream) for n, p in settings.providers.items()),

@@ -9,8 +9,10 @@ Two sources feed the same record shape:
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+from dataclasses import replace
 import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -107,6 +109,40 @@ def _api_for(provider: str, provider_path: str) -> str:
     return p.api
 
 
+# How each format's answer ends; seen in the last bytes of a body, the provider had finished.
+_ENDINGS = {
+    "openai": (b"[DONE]", b'"response.completed"', b'"response.incomplete"', b'"response.failed"'),
+    "anthropic": (b"message_stop",),
+    "google": (b'"finishReason"',),
+}
+
+
+def _fallback_usage(meta: dict[str, str], provider: str, provider_path: str,
+                    status: int) -> tuple[Usage, bool]:
+    """What the cut-short body the fallback line carries says (or what the path says), and
+    whether that body is in fact the provider's complete answer."""
+    head_len, _, rest = meta.get("cap", "").partition(":")
+    total, _, encoded = rest.partition(":")
+    stream = ":stream" in provider_path or "event-stream" in meta.get("ct", "")
+    try:
+        body = base64.b64decode(encoded, validate=True) if encoded else b""
+    except ValueError:
+        body = b""
+    if body and (status < 400 or status == 499):
+        cut = _int(head_len, len(body))
+        whole = _int(total, len(body)) <= len(body)
+        api = _api_for(provider, provider_path)
+        usage = extract_usage(api, provider_path, 200, meta.get("ct", ""),
+                              body if whole else body[:cut], None if whole else body[cut:])
+        if usage.stream or stream:
+            complete = any(end in body[-1024:] for end in _ENDINGS.get(api, ()))
+        else:  # a JSON answer names its usage at its end
+            complete = usage.output_tokens is not None
+        return replace(usage, stream=usage.stream or stream), complete and usage.problem is None
+    model = _model_from_path(provider_path) if status < 400 or status == 499 else None
+    return Usage(model=model, stream=stream), False
+
+
 def _model_from_path(provider_path: str) -> str | None:
     # With no response body to read, Google's path is the only place naming the model:
     # .../models/<model>:<method>
@@ -117,9 +153,21 @@ def _model_from_path(provider_path: str) -> str | None:
     return unquote(model) or None
 
 
+def _report_query(query: str) -> dict[str, str]:
+    """The body filter's query string: name=value pairs whose values njs percent-encoded (so a
+    '+' is never a space); the same result as parse_qsl on such strings, at a fraction of its cost."""
+    meta = {}
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if "%" in name or "+" in name or "+" in value:
+            return dict(parse_qsl(query, keep_blank_values=True))
+        meta[name] = unquote(value) if "%" in value else value
+    return meta
+
+
 def from_capture(query: str, body: bytes, received_at: float) -> dict[str, Any]:
     """Record for a completed response, from the njs body filter's report."""
-    meta = dict(parse_qsl(query, keep_blank_values=True))
+    meta = _report_query(query)
     provider = meta.get("p", "")
     endpoint = meta.get("u", "").split("?", 1)[0]
     provider_path = _provider_path(endpoint, provider)
@@ -162,8 +210,11 @@ def from_fallback(line: bytes, received_at: float) -> dict[str, Any] | None:
         elif meta.get("cut") == "1":
             # nginx finished the call, but the provider's answer broke off (reset or timeout).
             nginx_error = "upstream_unreachable"
-    usage = Usage(model=_model_from_path(provider_path) if status < 400 or status == 499 else None,
-                  stream=":stream" in provider_path or "event-stream" in meta.get("ct", ""))
+    usage, complete = _fallback_usage(meta, provider, provider_path, status)
+    if status == 499 and complete:
+        # The whole answer reached the client, which closed the connection before the transport's
+        # end (SDKs stop reading at [DONE] / message_stop): a complete call, not a cut one.
+        status, nginx_error = _int(meta.get("s")), None
     return _record(meta, status, usage, classify(status, nginx_error, None), received_at,
                    _api_for(provider, provider_path), _int(meta.get("n")))
 

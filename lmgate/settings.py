@@ -46,6 +46,7 @@ class ServerSettings:
     host: str
     port: int
     fallback_port: int
+    stats_port: int
     advertise_host: str
     auth_timeout_ms: int
 
@@ -61,6 +62,7 @@ class ServerSettings:
 class AuthSettings:
     allowlist_path: Path
     poll_interval_seconds: float
+    cache_seconds: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,9 +228,11 @@ def _type_name(hint: Any) -> str:
 
 def _validate(s: Settings, path: Path) -> None:
     for key, port in (("proxy.port", s.proxy.port), ("server.port", s.server.port),
-                      ("server.fallback_port", s.server.fallback_port)):
+                      ("server.fallback_port", s.server.fallback_port), ("server.stats_port", s.server.stats_port)):
         if not 1 <= port <= 65535:
             raise ConfigError(f"{path}: {key} must be between 1 and 65535, got {port}")
+    if s.server.stats_port == s.server.port:
+        raise ConfigError(f"{path}: server.stats_port must differ from server.port ({s.server.port})")
     positive = {
         "auth.poll_interval_seconds": s.auth.poll_interval_seconds,
         "stats.flush_interval_seconds": s.stats.flush_interval_seconds,
@@ -243,6 +247,8 @@ def _validate(s: Settings, path: Path) -> None:
     for key, value in positive.items():
         if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{path}: {key} must be greater than 0, got {value}")
+    if s.auth.cache_seconds < 0:
+        raise ConfigError(f"{path}: auth.cache_seconds must be 0 or more, got {s.auth.cache_seconds}")
     for key, size in (("proxy.max_body_size", s.proxy.max_body_size),
                       ("proxy.max_header_size", s.proxy.max_header_size)):
         try:

@@ -50,14 +50,23 @@ function capture(r, data, flags) {
     }
 }
 
+// The kept head (at most headMax bytes of it) followed by the kept tail (its last tailMax bytes).
+function kept(headMax, tailMax) {
+    var head = st.head;
+    if (st.headLen > headMax) {
+        head = [Buffer.concat(head).slice(0, headMax)];
+    }
+    var tail = st.tail.length ? Buffer.concat(st.tail) : null;
+    if (tail !== null && tail.length > tailMax) {
+        tail = tail.slice(tail.length - tailMax);
+    }
+    var parts = tail === null ? head : head.concat([tail]);
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts);
+}
+
 function report(r) {
     var v = r.variables;
-    var tail = st.tail.length ? Buffer.concat(st.tail) : null;
-    if (tail !== null && tail.length > st.tailMax) {
-        tail = tail.slice(tail.length - st.tailMax);
-    }
-    var parts = tail === null ? st.head : st.head.concat([tail]);
-    var body = parts.length === 1 ? parts[0] : Buffer.concat(parts);
+    var body = kept(st.headMax, st.tailMax);
     // Values from the sidecar (id, owner, key) arrive already percent-encoded.
     var args = 'rid=' + v.request_id +
         '&id=' + v.lmgate_id +
@@ -75,9 +84,42 @@ function report(r) {
     r.subrequest('/_stats', {method: 'POST', detached: true, args: args, body: body || ''});
 }
 
+// The /auth cache key: a hash of every header and the query string the sidecar may read a key
+// from, or "" when there is none (then nothing is cached).
+function authHash(r) {
+    var h = r.rawHeadersIn;
+    var s = '';
+    for (var i = 0; i < h.length; i++) {
+        var name = h[i][0].toLowerCase();
+        if (name === 'authorization' || name === 'x-api-key' || name === 'x-goog-api-key') {
+            s += name + ':' + h[i][1] + '\n';
+        }
+    }
+    var uri = r.variables.request_uri;
+    var q = uri.indexOf('?');
+    if (q >= 0 && uri.indexOf('key=', q) >= 0) {
+        s += uri.slice(q);
+    }
+    return s === '' ? '' : require('crypto').createHash('sha256').update(s).digest('base64url');
+}
+
 // For access_log's if=: "1" unless the body filter has already reported this call.
 function unreported(r) {
     return st !== null && st.reported ? '' : '1';
+}
+
+// For the fallback log line of a call whose last buffer never came (the client went away, or the
+// answer broke off): "<head length>:<body bytes>:<base64 of a smaller head and tail>", so the
+// sidecar can still read the usage a stream carried before it was cut. "" when no body passed.
+var FALLBACK_HEAD = 4096;
+var FALLBACK_TAIL = 8192;
+
+function fallbackCapture(r) {
+    if (st === null || st.total === 0 || st.reported) {
+        return '';
+    }
+    return Math.min(st.headLen, FALLBACK_HEAD) + ':' + st.total + ':' +
+        kept(FALLBACK_HEAD, FALLBACK_TAIL).toString('base64');
 }
 
 // "1" when body bytes passed but the last buffer never came: the answer was cut short.
@@ -85,4 +127,4 @@ function cut(r) {
     return st !== null && st.total > 0 && !st.reported ? '1' : '';
 }
 
-export default {capture, unreported, cut};
+export default {authHash, capture, unreported, cut, fallbackCapture};

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what LMGate needs on a Debian/Ubuntu machine (or image), then the package in a venv.
 #   scripts/setup.sh          nginx-light, the njs module, CA certificates, Python venv + lmgate
-#   scripts/setup.sh --dev    the same plus the test dependencies (pytest, the providers' SDKs, ...)
+#   scripts/setup.sh --dev    the same plus the test dependencies (pytest, the providers' SDKs, wrk, ...)
 # The Dockerfile runs this same script, so the container gets the nginx/njs that the tests ran.
 # Environment: LMGATE_VENV (default .venv in the repository) is where the venv goes.
 set -euo pipefail
@@ -16,6 +16,12 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || packages+=(nginx-l
 [ -f /usr/lib/nginx/modules/ngx_http_js_module.so ] || packages+=(libnginx-mod-http-js)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || packages+=(ca-certificates)
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
+if [ -n "$extra" ]; then
+    # The benchmark's smoke test (tests/e2e/test_bench_smoke.py): the load tool and the mock's
+    # echo module.
+    command -v wrk >/dev/null 2>&1 || packages+=(wrk)
+    [ -f /usr/lib/nginx/modules/ngx_http_echo_module.so ] || packages+=(libnginx-mod-http-echo)
+fi
 if [ ! -x "$venv/bin/python" ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     packages+=(python3-venv)
 fi

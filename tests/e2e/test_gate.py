@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -247,3 +249,82 @@ def test_up_refuses_to_start_with_a_broken_allowlist(mock_upstream, tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"lmgate: {g.allowlist}:3: duplicate id 'a' (first on line 2)")
+
+
+def test_auth_cache_reuses_a_yes_for_cache_seconds_and_never_a_no(own_gate, mock_upstream):
+    g = own_gate(LMGATE_AUTH__CACHE_SECONDS="3")
+    mock_upstream.reply("/v1/cached", body=json.dumps(CHAT).encode())
+
+    def status(key):
+        return httpx.post(g.base("openai") + "/v1/cached", headers=bearer(key), content=b"{}").status_code
+
+    # A refusal is not cached: the key works as soon as the allow-list has it.
+    assert status(UNLISTED_KEY) == 403
+    text = g.allowlist.read_text()
+    g.allowlist.write_text(text + f"carol,{UNLISTED_KEY},carol@example.com,2026-02-01\n")
+    wait_until(lambda: status(UNLISTED_KEY) == 200, 5, "the added key to be accepted")
+    # Cached answers still name the caller in the records.
+    mark = g.mark()
+    assert status(UNLISTED_KEY) == 200 and status(UNLISTED_KEY) == 200
+    assert [r["lmgate_id"] for r in g.new_records(mark, 2)[-2:]] == ["carol", "carol"]
+    # The cache holds the answer under a hash: never the key.
+    for path in Path(tempfile.gettempdir()).glob("lmgate-nginx-*/auth_cache/**/*"):
+        if path.is_file():
+            assert UNLISTED_KEY.encode() not in path.read_bytes(), "a key was written to the /auth cache"
+    # Revoked: the sidecar reloads within 0.2 s, but nginx reuses its yes until it is 3 s old.
+    g.allowlist.write_text(text)
+    time.sleep(0.6)
+    assert status(UNLISTED_KEY) == 200
+    wait_until(lambda: status(UNLISTED_KEY) == 403, 5, "the removed key to be refused")
+
+
+def _sse(data: dict) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
+
+
+@pytest.fixture
+def sdk_paths_freed(mock_upstream):
+    """Replies this test sets on the SDKs' own paths must not outlive it (the mock is shared)."""
+    yield
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        mock_upstream.replies.pop(path, None)
+
+
+def test_client_closing_after_done_is_a_complete_call_and_mid_stream_keeps_what_it_saw(gate, mock_upstream,
+                                                                                       sdk_paths_freed):
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini-2024-07-18",
+             "choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None}
+    usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+    # The upstream holds the end of its response until the client has gone: as an SDK does, the
+    # client stops at [DONE] and closes before the transport's last chunk.
+    release = threading.Event()
+    mock_upstream.reply("/v1/chat/completions", chunks=[_sse(chunk), _sse(usage), b"data: [DONE]\n\n", b"\n"],
+                        content_type="text/event-stream", release_last=release)
+    mark = gate.mark()
+    with httpx.stream("POST", gate.base("openai") + "/v1/chat/completions", headers=bearer(ALICE_KEY),
+                      content=b"{}", timeout=10) as resp:
+        for line in resp.iter_lines():
+            if line == "data: [DONE]":
+                break
+    release.set()
+    [record] = gate.new_records(mark, 1)
+    assert (record["status"], record["error_type"]) == (200, None)
+    assert (record["input_tokens"], record["output_tokens"], record["model"]) == (5, 3, "gpt-4o-mini-2024-07-18")
+
+    # Gone before the end: a client_closed call that still shows the tokens the stream had reported.
+    start = {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant",
+                                                  "model": "claude-sonnet-4-20250514", "content": [],
+                                                  "usage": {"input_tokens": 21, "output_tokens": 1}}}
+    release = threading.Event()
+    mock_upstream.reply("/v1/messages", chunks=[f"event: message_start\ndata: {json.dumps(start)}\n\n".encode(),
+                                                b"event: ping\ndata: {}\n\n"],
+                        content_type="text/event-stream", release_last=release)
+    mark = gate.mark()
+    with httpx.stream("POST", gate.base("anthropic") + "/v1/messages", headers={"x-api-key": ALICE_KEY},
+                      content=b"{}", timeout=10) as resp:
+        for line in resp.iter_lines():
+            break
+    release.set()
+    [record] = gate.new_records(mark, 1)
+    assert (record["status"], record["error_type"]) == (499, "client_closed")
+    assert record["input_tokens"] == 21 and record["model"] == "claude-sonnet-4-20250514"

@@ -61,8 +61,12 @@ class Gate:
             "LMGATE_PROXY__WORKER_PROCESSES": "1",
             "LMGATE_SERVER__PORT": str(self.sidecar_port),
             "LMGATE_SERVER__FALLBACK_PORT": str(self.fallback_port),
+            "LMGATE_SERVER__STATS_PORT": str(free_port()),
             "LMGATE_AUTH__ALLOWLIST_PATH": str(self.allowlist),
             "LMGATE_AUTH__POLL_INTERVAL_SECONDS": "0.2",
+            # The tests of revocation and of a sidecar outage expect every call to be checked;
+            # test_auth_cache_* turn the cache on.
+            "LMGATE_AUTH__CACHE_SECONDS": "0",
             "LMGATE_STATS__OUTPUT_PATH": str(self.stats),
             "LMGATE_STATS__FLUSH_INTERVAL_SECONDS": "0.1",
             **{f"LMGATE_PROVIDERS__{p.upper()}__UPSTREAM": upstream_url

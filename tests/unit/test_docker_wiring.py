@@ -172,7 +172,7 @@ def test_sidecar_is_internal_only(compose, services):
     sidecar = services["lmgate"]
     assert "ports" not in sidecar, "the sidecar's /auth and /stats must never be published"
     assert sidecar.get("network_mode") is None
-    assert {str(p) for p in sidecar["expose"]} >= {"8081", "8082/udp"}
+    assert {str(p) for p in sidecar["expose"]} >= {"8081", "8082/udp", "8083"}
     networks = sidecar["networks"]
     assert networks, "the sidecar must be on an explicit network"
     for name in networks:
