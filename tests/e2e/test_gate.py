@@ -328,3 +328,22 @@ def test_client_closing_after_done_is_a_complete_call_and_mid_stream_keeps_what_
     [record] = gate.new_records(mark, 1)
     assert (record["status"], record["error_type"]) == (499, "client_closed")
     assert record["input_tokens"] == 21 and record["model"] == "claude-sonnet-4-20250514"
+
+
+def test_usage_at_the_tail_of_a_10_mb_stream_is_recorded(gate, mock_upstream):
+    # Far bigger than the capture (head + tail): njs keeps only its two ends, and that is enough.
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini-2024-07-18",
+             "choices": [{"index": 0, "delta": {"content": "x" * 900}}], "usage": None}
+    event = _sse(chunk)
+    count = 10_000_000 // len(event) + 1
+    final = _sse({**chunk, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 34567,
+                                                    "total_tokens": 34579}}) + b"data: [DONE]\n\n"
+    body_chunks = [event * 100] * (count // 100 + 1) + [final]
+    mock_upstream.reply("/v1/big-stream", chunks=body_chunks, content_type="text/event-stream")
+    mark = gate.mark()
+    resp = httpx.post(gate.base("openai") + "/v1/big-stream", headers=bearer(ALICE_KEY), content=b"{}", timeout=60)
+    assert resp.status_code == 200 and resp.content == b"".join(body_chunks)
+    assert len(resp.content) > 10_000_000
+    [record] = gate.new_records(mark, 1)
+    assert (record["input_tokens"], record["output_tokens"], record["total_tokens"]) == (12, 34567, 34579)
+    assert record["response_bytes"] == len(resp.content) and record["stream"] is True
