@@ -130,10 +130,6 @@ def load_allowlist(path: Path) -> AllowList:
     return parse_allowlist(data, str(path))
 
 
-def _raise(exc: Exception):
-    raise exc
-
-
 def _signature(path: Path) -> tuple[int, int, int, int] | None:
     # mtime_ns, size and inode together also catch a file replaced within the same mtime second.
     try:
@@ -170,29 +166,24 @@ class AllowListHolder:
 
     def check(self) -> bool:
         """Reload if the file changed; return True if a new list is now in force."""
-        return self._changed() and self._swap(self._load)
+        return self._changed() and self._apply(self._parse())
 
     async def check_async(self) -> bool:
         """check(), with the parsing in a thread: a huge list must not stall /auth meanwhile."""
-        if not self._changed():
-            return False
-        try:
-            fresh = await asyncio.to_thread(load_allowlist, self.path)
-        except AllowListError as exc:
-            return self._swap(lambda: _raise(exc))
-        return self._swap(lambda: fresh)
+        return self._changed() and self._apply(await asyncio.to_thread(self._parse))
 
-    def _load(self) -> AllowList:
-        return load_allowlist(self.path)
-
-    def _swap(self, load) -> bool:
+    def _parse(self) -> AllowList | AllowListError:
         try:
-            fresh = load()
+            return load_allowlist(self.path)
         except AllowListError as exc:
-            if str(exc) != self.last_error:
+            return exc
+
+    def _apply(self, fresh: AllowList | AllowListError) -> bool:
+        if isinstance(fresh, AllowListError):
+            if str(fresh) != self.last_error:
                 log.error("allow-list not reloaded, previous list (%d keys) stays in force: %s",
-                          len(self.current), exc)
-            self.last_error = str(exc)
+                          len(self.current), fresh)
+            self.last_error = str(fresh)
             return False
         # A write seen half-way (truncate-then-write) changes the signature again when it ends,
         # so the next poll parses the finished file.

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from lmgate.providers import PROVIDERS
-from lmgate.usage import Usage, extract_usage
+from lmgate.usage import Usage, extract_usage, model_from_path
 
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
                 "reasoning_tokens", "total_tokens")
@@ -139,18 +139,8 @@ def _fallback_usage(meta: dict[str, str], provider: str, provider_path: str,
         else:  # a JSON answer names its usage at its end
             complete = usage.output_tokens is not None
         return replace(usage, stream=usage.stream or stream), complete and usage.problem is None
-    model = _model_from_path(provider_path) if status < 400 or status == 499 else None
+    model = model_from_path(provider_path) if status < 400 or status == 499 else None
     return Usage(model=model, stream=stream), False
-
-
-def _model_from_path(provider_path: str) -> str | None:
-    # With no response body to read, Google's path is the only place naming the model:
-    # .../models/<model>:<method>
-    marker = provider_path.find("/models/")
-    if marker < 0:
-        return None
-    model = provider_path[marker + 8:].split(":", 1)[0].split("/", 1)[0]
-    return unquote(model) or None
 
 
 def _report_query(query: str) -> dict[str, str]:

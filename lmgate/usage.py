@@ -269,6 +269,12 @@ def _generates(api: str, path: str) -> bool:
     return api == "anthropic" and path.endswith("/messages")
 
 
+def model_from_path(path: str) -> str | None:
+    """The model a Google-style path names (.../models/<model>:<method>), if any."""
+    m = _PATH_MODEL.search(path)
+    return _str(unquote(m.group(1))) if m else None
+
+
 def extract_usage(api: str, path: str, status: int, content_type: str, head: bytes,
                   tail: bytes | None) -> Usage:
     """Model and token counts of one response, from its captured body.
@@ -306,8 +312,8 @@ def _extract(api: str, path: str, status: int, content_type: str, head: bytes,
 
     if not 200 <= status < 300:   # the caller classifies errors by status
         return Usage(model=model, stream=stream)
-    if model is None and (m := _PATH_MODEL.search(path)):
-        model = _str(unquote(m.group(1)))   # Gemini / Vertex (Claude on Vertex too) name it in the path
+    if model is None:
+        model = model_from_path(path)   # Gemini / Vertex (Claude on Vertex too) name it in the path
     if usage is None:
         problem = None
         if _generates(fmt, path):

@@ -5,6 +5,7 @@
 // njs gives every request its own copy of this module's globals, so `st` is per request.
 // Written for njs 0.7.9 (Debian 12) and later: no js_periodic, no shared dict, no ngx.fetch.
 
+var crypto = require('crypto');  // loaded once with the module, not on every call
 var st = null;
 
 function start(r) {
@@ -100,7 +101,7 @@ function authHash(r) {
     if (q >= 0 && uri.indexOf('key=', q) >= 0) {
         s += uri.slice(q);
     }
-    return s === '' ? '' : require('crypto').createHash('sha256').update(s).digest('base64url');
+    return s === '' ? '' : crypto.createHash('sha256').update(s).digest('base64url');
 }
 
 // For access_log's if=: "1" unless the body filter has already reported this call.

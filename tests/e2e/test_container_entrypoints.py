@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from tests.support.gate import wait_until
-from tests.support.mock_upstream import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

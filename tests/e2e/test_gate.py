@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from tests.support.gate import ALICE_KEY, BOB_KEY, UNLISTED_KEY, Gate, wait_until
-from tests.support.mock_upstream import Reply
 
 pytestmark = pytest.mark.e2e
 

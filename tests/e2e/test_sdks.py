@@ -8,7 +8,6 @@ client snippets are the ones used here (tests/e2e/test_readme_snippets.py checks
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

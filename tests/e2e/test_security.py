@@ -13,7 +13,6 @@ named in the reason is expected to fail; any other failure in them fails the run
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from lmgate.providers import PROVIDERS
 from tests.support.fault_upstream import FaultUpstream, closed_port
 from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate, wait_until
 from tests.support.http_head import parse_response
-from tests.support.hardening import (QUERY_KEY, SUITE_KEYS, KnownBug, find_leaks, gate_outputs, known_bug,
+from tests.support.hardening import (QUERY_KEY, SUITE_KEYS, find_leaks, gate_outputs, known_bug,
                                      readyz)
 from tests.support.mock_upstream import MockUpstream
 from tests.support.tls_upstream import TestCA, TlsUpstream

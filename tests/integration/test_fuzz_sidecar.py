@@ -32,7 +32,7 @@ from lmgate.settings import load_settings
 from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY
 from tests.support.http_head import parse_response
 from tests.support.hardening import KnownBug, known_bug, rss_kib
-from tests.support.mock_upstream import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 

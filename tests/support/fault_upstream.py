@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 
-from tests.support.mock_upstream import free_port
+from tests.support.ports import free_port
 
 MAX_HOLD = 30.0
 FIRST_EVENT = b'data: {"id":"evt-1","model":"gpt-4o-mini","choices":[{"delta":{"content":"Hel"}}]}\n\n'

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.support.mock_upstream import free_port
+from tests.support.ports import free_port
 import socket
 
 REPO = Path(__file__).resolve().parents[2]

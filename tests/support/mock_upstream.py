@@ -4,17 +4,14 @@ call through LMGate to it from a test."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from tests.support.threaded_server import ThreadedServer
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
 
 
 @dataclass
@@ -40,15 +37,12 @@ class Seen:
     body: bytes
 
 
-class MockUpstream:
+class MockUpstream(ThreadedServer):
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.url = f"http://127.0.0.1:{self.port}"
         self.replies: dict[str, Reply] = {}
         self.seen: list[Seen] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
 
     def reply(self, path: str, reply: Reply | None = None, **kwargs) -> Reply:
         """Answer requests whose path (no query) is `path` with `reply`; "*" answers any other path."""
@@ -81,23 +75,3 @@ class MockUpstream:
             await asyncio.sleep(3600)
         await resp.write_eof()
         return resp
-
-    async def _start(self) -> None:
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        # Limits as generous as a real provider's, so header-size tests measure LMGate, not the mock.
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, max_line_size=1 << 20,
-                                     max_field_size=1 << 20, max_headers=10000)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def start(self) -> "MockUpstream":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)

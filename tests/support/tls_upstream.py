@@ -3,11 +3,9 @@ and a tiny aiohttp server on 127.0.0.1 that presents one of them."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import ipaddress
 import ssl
-import threading
 from pathlib import Path
 
 from aiohttp import web
@@ -16,7 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.support.mock_upstream import free_port
+from tests.support.threaded_server import ThreadedServer
+
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -80,19 +79,18 @@ class TestCA:
         return crt, key_file
 
 
-class TlsUpstream:
+class TlsUpstream(ThreadedServer):
     """HTTPS on 127.0.0.1:<port>, answering every request with 200 {"tls":"ok"}."""
 
+    runner_options = {}
+
     def __init__(self, cert: Path, key: Path) -> None:
-        self.port = free_port()
+        super().__init__()
         self.seen: list[str] = []
         self.sni: list[str | None] = []
-        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._ctx.load_cert_chain(cert, key)
-        self._ctx.sni_callback = self._on_sni
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
+        self.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ssl_context.load_cert_chain(cert, key)
+        self.ssl_context.sni_callback = self._on_sni
 
     def url(self, host: str = "localhost") -> str:
         return f"https://{host}:{self.port}"
@@ -104,21 +102,3 @@ class TlsUpstream:
         await request.read()
         self.seen.append(request.raw_path)
         return web.json_response({"tls": "ok"})
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self._ctx).start()
-
-    def start(self) -> "TlsUpstream":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)

@@ -153,7 +153,7 @@ def test_duplicate_id_after_multiline_quoted_field():
             + "\n"                                                       # line 5
             + f"bob,{KEY_B},Bob,2024\n"                                  # line 6
             + f'"multi\nline id",{KEY_C},"x",2024\n'                     # lines 7-8
-            + f"alice,sk-another-key-000000,Al,2024\n")                   # line 9
+            + "alice,sk-another-key-000000,Al,2024\n")                   # line 9
     message = error(text)
     assert line_of(message) == 9
     assert "(first on line 2)" in message
