@@ -149,12 +149,9 @@ class Up:
             load_allowlist(s.auth.allowlist_path)
         except AllowListError as exc:
             raise StartError(str(exc)) from None
-        for what, host, port, kind in (
-                ("proxy.port", s.proxy.host, s.proxy.port, socket.SOCK_STREAM),
-                ("server.port", s.server.host, s.server.port, socket.SOCK_STREAM),
-                ("server.fallback_port", s.server.host, s.server.fallback_port, socket.SOCK_DGRAM),
-                ("server.stats_port", s.server.host, s.server.stats_port, socket.SOCK_STREAM)):
-            if port_in_use(host, port, kind):
+        for what, host, port in (("proxy.port", s.proxy.host, s.proxy.port),
+                                 ("server.port", s.server.host, s.server.port)):
+            if port_in_use(host, port, socket.SOCK_STREAM):
                 raise StartError(f"port {port} on {host} ({what}) is already in use; stop what uses it "
                                  f"or set LMGATE_{what.upper().replace('.', '__')}")
         try:

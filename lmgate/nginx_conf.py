@@ -9,6 +9,7 @@ from __future__ import annotations
 import grp
 import hashlib
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -17,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lmgate.providers import PROVIDERS, error_body
+from lmgate.spool import SPOOL_PREFIX, SPOOL_SUFFIX
 from lmgate.settings import Settings
 
 NGINX_DIR = Path(__file__).resolve().parent.parent / "nginx"
@@ -85,11 +87,8 @@ def _seconds(value: float) -> str:
     return f"{int(value * 1000)}ms"
 
 
-def _fallback_log(settings: Settings) -> str:
-    s = settings.server
-    host = s.reachable_host
-    host = f"[{host}]" if ":" in host else host
-    return f"syslog:server={host}:{s.fallback_port},tag=lmgate,nohostname"
+def _spool_log(settings: Settings) -> str:
+    return f"{settings.stats.spool_dir.resolve()}/{SPOOL_PREFIX}$lmgate_spool_slot{SPOOL_SUFFIX}"
 
 
 def _provider_block(template: str, name: str, upstream: str, settings: Settings) -> str:
@@ -122,7 +121,7 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
         "CA_BUNDLE": str(settings.proxy.ca_bundle),
         "UPSTREAM_CONNECT_TIMEOUT": _seconds(settings.proxy.upstream_connect_timeout_seconds),
         "UPSTREAM_READ_TIMEOUT": _seconds(settings.proxy.upstream_read_timeout_seconds),
-        "FALLBACK_LOG": _fallback_log(settings),
+        "SPOOL_LOG": _spool_log(settings),
         "DROP_HEADERS": "\n".join(f'            proxy_set_header {h} "";' for h in LMGATE_HEADERS),
     })
     return _fill(template, values)
@@ -185,7 +184,7 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "CAPTURE_HEAD_BYTES": str(settings.stats.capture_head_bytes),
         "CAPTURE_TAIL_BYTES": str(settings.stats.capture_tail_bytes),
         "SIDECAR_ADDRESS": f"{sidecar}:{settings.server.port}",
-        "STATS_ADDRESS": f"{sidecar}:{settings.server.stats_port}",
+        "SPOOL_DIR": str(settings.stats.spool_dir.resolve()),
         "AUTH_TIMEOUT": f"{settings.server.auth_timeout_ms}ms",
         "AUTH_CACHE_ZONE": _auth_cache_zone(settings, temp_dir),
         "AUTH_CACHE": _auth_cache(settings),
@@ -226,14 +225,40 @@ def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None)
     """Render to `out` (atomically) and create the runtime folders nginx needs."""
     runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
     runtime_dir.mkdir(parents=True, exist_ok=True)
-    temp_dir, _ = _temp_dir_and_user(runtime_dir)
+    temp_dir, user = _temp_dir_and_user(runtime_dir)
     temp_dir.mkdir(mode=0o755, exist_ok=True)
     info = os.lstat(temp_dir)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise RenderError(f"{temp_dir} exists but is not a folder owned by this user; remove it")
+    _prepare_spool(settings.stats.spool_dir.resolve(), user)
     text = render(settings, runtime_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, out)
     return out
+
+
+def _prepare_spool(folder: Path, user: str | None) -> None:
+    """Create the spool folder; nginx's workers create its files, so they must be able to write it.
+
+    Started as root, the workers run as `user` (nobody): the folder is given to them, and every
+    folder above it must let them through.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RenderError(f"stats.spool_dir: cannot create {folder}: {exc.strerror or exc}") from None
+    if user is None:
+        return
+    name, _, group = user.partition(" ")
+    worker = pwd.getpwnam(name)
+    gid = grp.getgrnam(group).gr_gid if group else worker.pw_gid
+    os.chown(folder, worker.pw_uid, gid)
+    for above in folder.parents:
+        mode = os.stat(above).st_mode
+        if not mode & stat.S_IXOTH:
+            raise RenderError(
+                f"stats.spool_dir: nginx's workers (user {name}, as LMGate runs as root) cannot reach "
+                f"{folder} because {above} is closed to them; run LMGate as a regular user, or set "
+                f"stats.spool_dir (LMGATE_STATS__SPOOL_DIR) to a folder under /var/spool or /tmp")

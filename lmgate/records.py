@@ -1,21 +1,21 @@
-"""Turning what nginx sends into usage records.
+"""Turning nginx's spool lines into usage records.
 
-Two sources feed the same record shape:
-- a capture report: the njs body filter's POST /stats when a response body completed; query
-  string = metadata, body = the head and tail of the response body;
-- a fallback line: nginx's access log (over UDP syslog) for calls whose body filter never finished
-  (client disconnects, denied calls, upstream failures, header-only answers).
+nginx writes one JSON line per call (the `lmgate_spool` log format): metadata, and the head and
+tail of the response body that the njs body filter kept. Every outcome arrives the same way:
+answered, cut short, the client gone, denied, or answered by nginx itself.
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import functools
 import math
 from dataclasses import replace
 import time
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
+
+import orjson
+import pybase64
 
 from lmgate.providers import PROVIDERS
 from lmgate.usage import Usage, extract_usage, model_from_path
@@ -33,7 +33,13 @@ _MAX_DURATION = 1e7
 
 
 def iso_utc(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+    return _iso_second(int(epoch // 1)) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _iso_second(second: int) -> str:
+    """Most records of a second share it: formatted once."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def _int(value: str | None, default: int = 0) -> int:
@@ -117,25 +123,16 @@ _ENDINGS = {
 }
 
 
-def _fallback_usage(meta: dict[str, str], provider: str, provider_path: str,
-                    status: int) -> tuple[Usage, bool]:
-    """What the cut-short body the fallback line carries says (or what the path says), and
+def _cut_usage(meta: dict[str, str], api: str, provider_path: str, status: int, head: bytes,
+               tail: bytes | None) -> tuple[Usage, bool]:
+    """What the body of a call that did not end normally says (or what the path says), and
     whether that body is in fact the provider's complete answer."""
-    head_len, _, rest = meta.get("cap", "").partition(":")
-    total, _, encoded = rest.partition(":")
     stream = ":stream" in provider_path or "event-stream" in meta.get("ct", "")
-    try:
-        body = base64.b64decode(encoded, validate=True) if encoded else b""
-    except ValueError:
-        body = b""
-    if body and (status < 400 or status == 499):
-        cut = _int(head_len, len(body))
-        whole = _int(total, len(body)) <= len(body)
-        api = _api_for(provider, provider_path)
-        usage = extract_usage(api, provider_path, 200, meta.get("ct", ""),
-                              body if whole else body[:cut], None if whole else body[cut:])
+    if head and (status < 400 or status == 499):
+        usage = extract_usage(api, provider_path, 200, meta.get("ct", ""), head, tail)
+        body_end = (tail if tail is not None else head)[-1024:]
         if usage.stream or stream:
-            complete = any(end in body[-1024:] for end in _ENDINGS.get(api, ()))
+            complete = any(end in body_end for end in _ENDINGS.get(api, ()))
         else:  # a JSON answer names its usage at its end
             complete = usage.output_tokens is not None
         return replace(usage, stream=usage.stream or stream), complete and usage.problem is None
@@ -143,68 +140,58 @@ def _fallback_usage(meta: dict[str, str], provider: str, provider_path: str,
     return Usage(model=model, stream=stream), False
 
 
-def _report_query(query: str) -> dict[str, str]:
-    """The body filter's query string: name=value pairs whose values njs percent-encoded (so a
-    '+' is never a space); the same result as parse_qsl on such strings, at a fraction of its cost."""
-    meta = {}
-    for pair in query.split("&"):
-        name, _, value = pair.partition("=")
-        if "%" in name or "+" in name or "+" in value:
-            return dict(parse_qsl(query, keep_blank_values=True))
-        meta[name] = unquote(value) if "%" in value else value
-    return meta
-
-
-def from_capture(query: str, body: bytes, received_at: float) -> dict[str, Any]:
-    """Record for a completed response, from the njs body filter's report."""
-    meta = _report_query(query)
-    provider = meta.get("p", "")
-    endpoint = meta.get("u", "").split("?", 1)[0]
-    provider_path = _provider_path(endpoint, provider)
-    status = _int(meta.get("s"))
-    total = _int(meta.get("n"), len(body))
-    head_len = min(_int(meta.get("h"), len(body)), len(body))
-    if total <= len(body):
-        head, tail = body, None
-    else:
-        head, tail = body[:head_len], body[head_len:]
-    api = _api_for(provider, provider_path)
-    usage = extract_usage(api, provider_path, status, meta.get("ct", ""), head, tail)
-    return _record(meta, status, usage, classify(status, None, usage.problem), received_at, api, total)
-
-
-def from_fallback(line: bytes, received_at: float) -> dict[str, Any] | None:
-    """Record for a call whose body never completed, from nginx's access log line (syslog)."""
-    start = line.find(b"{")
-    if start < 0:
-        return None
+def _load_line(line: bytes) -> dict[str, str]:
     try:
-        meta = json.loads(line[start:].decode("utf-8", "replace"))
-    except ValueError:
-        return None
+        meta = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        # A client can put any byte in the path nginx logs; keep the rest of the line readable.
+        meta = orjson.loads(line.decode("utf-8", "replace"))
     if not isinstance(meta, dict):
-        return None
-    # nginx logs the sidecar's percent-encoded header values as they were.
-    meta = {str(k): str(v) for k, v in meta.items()}
+        raise ValueError("not a JSON object")
+    return {str(k): v if isinstance(v, str) else str(v) for k, v in meta.items()}
+
+
+def _base64(text: str) -> bytes:
+    """A captured part of the body; b"" (a call without usage) for anything nginx did not write."""
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except ValueError:
+        return b""
+
+
+def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
+    """The record for one call, from its spool line (nginx's access log, see
+    nginx/nginx.conf.template). Raises ValueError for a line that is not one."""
+    meta = _load_line(line)
+    # The sidecar's header values, percent-encoded, as nginx logged them.
     for name in ("id", "own", "mk"):
-        meta[name] = unquote(meta.get(name, ""))
+        if "%" in meta.get(name, ""):
+            meta[name] = unquote(meta[name])
     provider = meta.get("p", "")
-    endpoint = meta.get("u", "").split("?", 1)[0]
-    provider_path = _provider_path(endpoint, provider)
+    provider_path = _provider_path(meta.get("u", "").split("?", 1)[0], provider)
+    api = _api_for(provider, provider_path)
     status = _int(meta.get("s"))
+    flags = meta.get("bf", "")
+    head = _base64(meta.get("bh", ""))
+    tail = _base64(meta.get("bt", "")) if "g" in flags else None
     nginx_error = meta.get("err") or None
     if nginx_error not in NGINX_ERRORS:
+        nginx_error = None
+        if meta.get("done") == "OK" and "x" not in flags and head:
+            # The answer went through whole: the usual case.
+            usage = extract_usage(api, provider_path, status, meta.get("ct", ""), head, tail)
+            return _record(meta, status, usage, classify(status, None, usage.problem), received_at,
+                           api, _int(meta.get("n")))
         if meta.get("done") != "OK":
             # The client went away before the response was complete; nginx may still say 200.
             status = 499
-        elif meta.get("cut") == "1":
+        elif "x" in flags:
             # nginx finished the call, but the provider's answer broke off (reset or timeout).
             nginx_error = "upstream_unreachable"
-    usage, complete = _fallback_usage(meta, provider, provider_path, status)
+    usage, complete = _cut_usage(meta, api, provider_path, status, head, tail)
     if status == 499 and complete:
         # The whole answer reached the client, which closed the connection before the transport's
         # end (SDKs stop reading at [DONE] / message_stop): a complete call, not a cut one.
         status, nginx_error = _int(meta.get("s")), None
-    return _record(meta, status, usage, classify(status, nginx_error, None), received_at,
-                   _api_for(provider, provider_path), _int(meta.get("n")))
-
+    return _record(meta, status, usage, classify(status, nginx_error, None), received_at, api,
+                   _int(meta.get("n")))

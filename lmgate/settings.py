@@ -45,8 +45,6 @@ class ProxySettings:
 class ServerSettings:
     host: str
     port: int
-    fallback_port: int
-    stats_port: int
     advertise_host: str
     auth_timeout_ms: int
 
@@ -72,7 +70,7 @@ class StatsSettings:
     rotate_bytes: int
     capture_head_bytes: int
     capture_tail_bytes: int
-    queue_size: int
+    spool_dir: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,19 +225,15 @@ def _type_name(hint: Any) -> str:
 
 
 def _validate(s: Settings, path: Path) -> None:
-    for key, port in (("proxy.port", s.proxy.port), ("server.port", s.server.port),
-                      ("server.fallback_port", s.server.fallback_port), ("server.stats_port", s.server.stats_port)):
+    for key, port in (("proxy.port", s.proxy.port), ("server.port", s.server.port)):
         if not 1 <= port <= 65535:
             raise ConfigError(f"{path}: {key} must be between 1 and 65535, got {port}")
-    if s.server.stats_port == s.server.port:
-        raise ConfigError(f"{path}: server.stats_port must differ from server.port ({s.server.port})")
     positive = {
         "auth.poll_interval_seconds": s.auth.poll_interval_seconds,
         "stats.flush_interval_seconds": s.stats.flush_interval_seconds,
         "stats.rotate_bytes": s.stats.rotate_bytes,
         "stats.capture_head_bytes": s.stats.capture_head_bytes,
         "stats.capture_tail_bytes": s.stats.capture_tail_bytes,
-        "stats.queue_size": s.stats.queue_size,
         "server.auth_timeout_ms": s.server.auth_timeout_ms,
         "proxy.upstream_connect_timeout_seconds": s.proxy.upstream_connect_timeout_seconds,
         "proxy.upstream_read_timeout_seconds": s.proxy.upstream_read_timeout_seconds,

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+import orjson
+
 __all__ = ["CAPTURE_TRUNCATED", "USAGE_MISSING", "Usage", "extract_usage"]
 
 USAGE_MISSING = "usage_missing"
@@ -90,24 +92,35 @@ def _load(unit: Unit, needle: re.Pattern[bytes]) -> dict | None:
     if needle.search(unit) is None:
         return None
     try:
-        doc = json.loads(unit.decode("utf-8", "replace"))
+        doc = _loads(unit)
     except Exception:  # ValueError, and RecursionError on absurd nesting
         return None
     return doc if isinstance(doc, dict) else None
 
 
+def _loads(data: bytes) -> object:
+    """orjson when it can (fast); the json module for what orjson refuses (invalid UTF-8,
+    integers past 64 bits, very deep nesting), so both read the same documents."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data.decode("utf-8", "replace"))
+
+
 def _sse_events(buf: bytes) -> list[bytes]:
-    """Data of each SSE event; bytes.splitlines() splits on LF, CRLF and CR as SSE requires."""
+    """Data of each SSE event. Lines end in LF, CRLF or CR, as SSE allows; events end at a blank
+    line. Most events are a single `data:` line, taken without splitting it further."""
+    if b"\r" in buf:
+        buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     events: list[bytes] = []
-    data: list[bytes] = []
-    for line in buf.splitlines():
-        if line.startswith(b"data:"):
-            data.append(line[6:] if line[5:6] == b" " else line[5:])
-        elif not line and data:
-            events.append(b"\n".join(data))
-            data = []
-    if data:
-        events.append(b"\n".join(data))
+    for block in buf.split(b"\n\n"):
+        if block.startswith(b"data:") and b"\n" not in block:
+            events.append(block[6:] if block[5:6] == b" " else block[5:])
+        elif b"data:" in block:
+            data = [line[6:] if line[5:6] == b" " else line[5:]
+                    for line in block.split(b"\n") if line.startswith(b"data:")]
+            if data:
+                events.append(b"\n".join(data))
     return events
 
 
@@ -121,7 +134,7 @@ def _split(head: bytes, tail: bytes | None) -> tuple[list[Unit], bool]:
         if tail is not None:
             return [], True              # a JSON document cut in the middle cannot be parsed
         try:
-            doc = json.loads(head.decode("utf-8", "replace"))
+            doc = _loads(head)
         except Exception:
             return [], True              # e.g. a Gemini array stream that ended early
         docs = doc if isinstance(doc, list) else [doc]

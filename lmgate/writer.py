@@ -13,8 +13,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 log = logging.getLogger("lmgate.stats")
 
@@ -42,11 +45,16 @@ class StatsWriter:
         self.dropped = 0
         self.last_error: str | None = None
         self._last_error_logged = 0.0
+        # Called after each flush that left nothing buffered: everything added is on disk.
+        self.on_flushed: Callable[[], None] | None = None
 
     def add(self, record: dict[str, Any]) -> None:
-        # A lone surrogate (from a malformed body) becomes a \udXXX escape: still valid JSON.
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode(
-            "utf-8", "backslashreplace") + b"\n"
+        try:
+            line = orjson.dumps(record) + b"\n"
+        except TypeError:
+            # A lone surrogate (from a malformed body) becomes a \udXXX escape: still valid JSON.
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode(
+                "utf-8", "backslashreplace") + b"\n"
         self._lines.append(line)
         if len(self._lines) > MAX_BUFFERED_RECORDS:
             del self._lines[0]
@@ -59,6 +67,7 @@ class StatsWriter:
     def flush(self) -> bool:
         """Write everything buffered; return False (and keep the records) if the disk refused."""
         if not self._lines:
+            self._flushed()
             return True
         data = b"".join(self._lines)
         try:
@@ -85,7 +94,12 @@ class StatsWriter:
         if self.last_error:
             log.info("stats writing resumed: %s", self.path)
             self.last_error = None
+        self._flushed()
         return True
+
+    def _flushed(self) -> None:
+        if self.on_flushed is not None:
+            self.on_flushed()
 
     def _rotate_if_needed(self, incoming: int) -> None:
         try:

@@ -1,6 +1,6 @@
-// LMGate's njs glue: keep a bounded head and tail of each provider response and, when the last
-// buffer has passed, hand them to the sidecar in one detached POST. The client's bytes are passed
-// on untouched and never wait for the sidecar. No JSON is parsed here: the sidecar does that.
+// LMGate's njs glue: keep a bounded head and tail of each provider response, and hand them to
+// nginx's access log line for the call (the spool the sidecar reads). The client's bytes are
+// passed on untouched and never wait for anything. No JSON is parsed here: the sidecar does that.
 //
 // njs gives every request its own copy of this module's globals, so `st` is per request.
 // Written for njs 0.7.9 (Debian 12) and later: no js_periodic, no shared dict, no ngx.fetch.
@@ -16,8 +16,10 @@ function start(r) {
         headLen: 0,
         tail: [],
         tailLen: 0,
+        dropped: false,  // some bytes between the head and the tail were not kept
         total: 0,
-        reported: false
+        last: false,     // the last buffer passed: the answer was complete
+        text: null       // [head, tail] as strings, built once for the log line
     };
 }
 
@@ -42,47 +44,50 @@ function capture(r, data, flags) {
             // Drop whole chunks that the tail no longer needs.
             while (st.tail.length > 1 && st.tailLen - st.tail[0].length >= st.tailMax) {
                 st.tailLen -= st.tail.shift().length;
+                st.dropped = true;
             }
         }
     }
-    if (flags.last && !st.reported) {
-        st.reported = true;
-        report(r);
+    if (flags.last) {
+        st.last = true;
     }
 }
 
-// The kept head (at most headMax bytes of it) followed by the kept tail (its last tailMax bytes).
-function kept(headMax, tailMax) {
-    var head = st.head;
-    if (st.headLen > headMax) {
-        head = [Buffer.concat(head).slice(0, headMax)];
+// The kept bytes in base64: [whole body, ""] when nothing was dropped, else [head, last tailMax
+// bytes]. Base64 because it is the cheapest byte-exact text njs can make (its UTF-8 decoding
+// costs ~10x more) and it needs no escaping in the log line.
+function text() {
+    if (st.text === null) {
+        var tail = st.tail.length ? Buffer.concat(st.tail) : null;
+        if (!st.dropped && (tail === null || tail.length <= st.tailMax)) {
+            var all = tail === null ? st.head : st.head.concat([tail]);
+            st.text = [Buffer.concat(all).toString('base64'), ''];
+        } else {
+            if (tail.length > st.tailMax) {
+                tail = tail.slice(tail.length - st.tailMax);
+            }
+            st.text = [Buffer.concat(st.head).toString('base64'), tail.toString('base64')];
+        }
     }
-    var tail = st.tail.length ? Buffer.concat(st.tail) : null;
-    if (tail !== null && tail.length > tailMax) {
-        tail = tail.slice(tail.length - tailMax);
-    }
-    var parts = tail === null ? head : head.concat([tail]);
-    return parts.length === 1 ? parts[0] : Buffer.concat(parts);
+    return st.text;
 }
 
-function report(r) {
-    var v = r.variables;
-    var body = kept(st.headMax, st.tailMax);
-    // Values from the sidecar (id, owner, key) arrive already percent-encoded.
-    var args = 'rid=' + v.request_id +
-        '&id=' + v.lmgate_id +
-        '&own=' + v.lmgate_owner +
-        '&mk=' + v.lmgate_key +
-        '&p=' + v.lmgate_raw_prefix +
-        '&m=' + v.request_method +
-        '&u=' + encodeURIComponent(v.lmgate_path) +
-        '&s=' + r.status +
-        '&ct=' + encodeURIComponent(r.headersOut['Content-Type'] || '') +
-        '&t=' + v.request_time +
-        '&ts=' + v.msec +
-        '&h=' + st.headLen +
-        '&n=' + st.total;
-    r.subrequest('/_stats', {method: 'POST', detached: true, args: args, body: body || ''});
+// For the log line: the whole body (or its head), its tail when the middle was dropped, and
+// flags: "g" = gap between head and tail, "x" = the last buffer never came (the answer was cut
+// short or the client went away).
+function bodyHead(r) {
+    return st === null || st.total === 0 ? '' : text()[0];
+}
+
+function bodyTail(r) {
+    return st === null || st.total === 0 ? '' : text()[1];
+}
+
+function bodyFlags(r) {
+    if (st === null || st.total === 0) {
+        return '';
+    }
+    return (st.dropped || st.tailLen > st.tailMax ? 'g' : '') + (st.last ? '' : 'x');
 }
 
 // The /auth cache key: a hash of every header and the query string the sidecar may read a key
@@ -91,6 +96,10 @@ function authHash(r) {
     var h = r.rawHeadersIn;
     var s = '';
     for (var i = 0; i < h.length; i++) {
+        var n = h[i][0].length;
+        if (n !== 13 && n !== 9 && n !== 14) {
+            continue;  // not one of the names below: spares a lower-casing per header
+        }
         var name = h[i][0].toLowerCase();
         if (name === 'authorization' || name === 'x-api-key' || name === 'x-goog-api-key') {
             s += name + ':' + h[i][1] + '\n';
@@ -104,28 +113,4 @@ function authHash(r) {
     return s === '' ? '' : crypto.createHash('sha256').update(s).digest('base64url');
 }
 
-// For access_log's if=: "1" unless the body filter has already reported this call.
-function unreported(r) {
-    return st !== null && st.reported ? '' : '1';
-}
-
-// For the fallback log line of a call whose last buffer never came (the client went away, or the
-// answer broke off): "<head length>:<body bytes>:<base64 of a smaller head and tail>", so the
-// sidecar can still read the usage a stream carried before it was cut. "" when no body passed.
-var FALLBACK_HEAD = 4096;
-var FALLBACK_TAIL = 8192;
-
-function fallbackCapture(r) {
-    if (st === null || st.total === 0 || st.reported) {
-        return '';
-    }
-    return Math.min(st.headLen, FALLBACK_HEAD) + ':' + st.total + ':' +
-        kept(FALLBACK_HEAD, FALLBACK_TAIL).toString('base64');
-}
-
-// "1" when body bytes passed but the last buffer never came: the answer was cut short.
-function cut(r) {
-    return st !== null && st.total > 0 && !st.reported ? '1' : '';
-}
-
-export default {authHash, capture, unreported, cut, fallbackCapture};
+export default {authHash, capture, bodyHead, bodyTail, bodyFlags};

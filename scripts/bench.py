@@ -536,16 +536,16 @@ class Gate:
             "LMGATE_PROXY__WORKER_PROCESSES": "1",
             "LMGATE_SERVER__HOST": "127.0.0.1",
             "LMGATE_SERVER__PORT": str(self.sidecar_port),
-            "LMGATE_SERVER__FALLBACK_PORT": str(free_port(socket.SOCK_DGRAM)),
             "LMGATE_AUTH__ALLOWLIST_PATH": str(folder / "allowlist.csv"),
             "LMGATE_STATS__OUTPUT_PATH": str(self.stats_dir / "stats.jsonl"),
             "LMGATE_STATS__FLUSH_INTERVAL_SECONDS": str(FLUSH_INTERVAL),
+            "LMGATE_STATS__SPOOL_DIR": str(folder / "spool"),
             **{f"LMGATE_PROVIDERS__{p}__UPSTREAM": upstream for p in ("OPENAI", "ANTHROPIC", "GOOGLE", "GEMINI")},
         }
         # Any other port the config declares (a future server.*_port) gets a free one too.
         for key in re.findall(r"^  (\w+_port):", config.read_text(), re.M):
             name = f"LMGATE_SERVER__{key.upper()}"
-            if key not in ("port", "fallback_port") and name not in env:
+            if key != "port" and name not in env:
                 env[name] = str(free_port())
         env.pop("LMGATE_CONFIG", None)
         self.proc = Proc("lmgate", cpu.on(core) + [sys.executable, "-m", "lmgate", "up", "--config", str(config)],
@@ -656,7 +656,7 @@ class RecordCheck:
     by_status: dict[str, int] = field(default_factory=dict)
     usage_missing: int = 0
     identity_missing: int = 0
-    reports_dropped: int | None = None
+    spool_bad_lines: int | None = None
     ok: bool = False
 
     def line(self) -> str:
@@ -675,6 +675,8 @@ class Bench:
         self.args = args
         self.cpu = Cpu(not args.no_pin)
         self.folder = Path(tempfile.mkdtemp(prefix="lmgate-bench-"))
+        # Run as root, LMGate's nginx workers (nobody) must reach the spool folder inside.
+        self.folder.chmod(0o711)
         # Run as root, nginx's workers are `nobody`: they must be able to reach their temp folders.
         self.folder.chmod(0o755)
         self.load = Load(self.cpu, self.folder)
@@ -844,9 +846,9 @@ class Bench:
         check.by_status = dict(by_status - check.mark[1])
         check.usage_missing = usage_missing - check.mark[2]
         check.identity_missing = identity_missing - check.mark[3]
-        check.reports_dropped = gate.readyz().get("reports_dropped")
+        check.spool_bad_lines = gate.readyz().get("spool_bad_lines")
         check.ok = (check.records == check.mock_served and not check.usage_missing and not check.identity_missing
-                    and not check.reports_dropped)
+                    and not check.spool_bad_lines)
         if not quiet or not check.ok:
             say(check.line())
         if not quiet:

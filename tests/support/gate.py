@@ -3,17 +3,19 @@ shipped config/lmgate.yaml plus LMGATE_* environment variables, against a mock u
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from tests.support.ports import free_port
-import socket
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "lmgate.yaml"
@@ -41,6 +43,16 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
+def spool_dir(workdir: Path) -> Path:
+    """The spool folder for a gate in `workdir`. Run as root, nginx's workers (nobody) must reach
+    it, and pytest's folders are private to root: it goes under /tmp then, removed at exit."""
+    if os.geteuid() != 0:
+        return workdir / "spool"
+    folder = Path(tempfile.mkdtemp(prefix="lmgate-test-spool-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 class Gate:
     def __init__(self, workdir: Path, upstream_url: str, **env: str) -> None:
         import hashlib
@@ -52,7 +64,7 @@ class Gate:
         self.log_path = workdir / "lmgate.log"
         self.port = free_port()
         self.sidecar_port = free_port()
-        self.fallback_port = free_port(socket.SOCK_DGRAM)
+        self.spool = spool_dir(workdir)
         self.env = {
             **os.environ,
             "LMGATE_PROXY__HOST": "127.0.0.1",
@@ -60,8 +72,6 @@ class Gate:
             "LMGATE_PROXY__RUNTIME_DIR": str(workdir / "run"),
             "LMGATE_PROXY__WORKER_PROCESSES": "1",
             "LMGATE_SERVER__PORT": str(self.sidecar_port),
-            "LMGATE_SERVER__FALLBACK_PORT": str(self.fallback_port),
-            "LMGATE_SERVER__STATS_PORT": str(free_port()),
             "LMGATE_AUTH__ALLOWLIST_PATH": str(self.allowlist),
             "LMGATE_AUTH__POLL_INTERVAL_SECONDS": "0.2",
             # The tests of revocation and of a sidecar outage expect every call to be checked;
@@ -69,6 +79,7 @@ class Gate:
             "LMGATE_AUTH__CACHE_SECONDS": "0",
             "LMGATE_STATS__OUTPUT_PATH": str(self.stats),
             "LMGATE_STATS__FLUSH_INTERVAL_SECONDS": "0.1",
+            "LMGATE_STATS__SPOOL_DIR": str(self.spool),
             **{f"LMGATE_PROVIDERS__{p.upper()}__UPSTREAM": upstream_url
                for p in ("openai", "anthropic", "google", "gemini")},
             **env,

@@ -1,0 +1,243 @@
+"""The spool: nginx's access-log lines, one per call, read back by the sidecar.
+
+nginx appends one JSON line per call (lmgate/records.py reads it) to
+`<spool_dir>/calls-<slot>.jsonl`, where the slot is the call's end time rounded down to 10 seconds,
+so nginx moves to a new file every 10 seconds without being told. The sidecar reads every file from
+where it left off, hands each complete line to `on_line`, and after each flush of the stats file
+saves how far it got (`.checkpoint.json`) and deletes the files it has finished. Lines are only
+deleted once their records are on disk, so a sidecar that stops, crashes or falls behind loses
+nothing: it resumes from the checkpoint. If it is killed between a flush and the checkpoint, that
+flush's records are written again when it restarts (`request_id` tells the copies apart).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("lmgate.spool")
+
+SPOOL_PREFIX = "calls-"
+SPOOL_SUFFIX = ".jsonl"
+SLOT_SECONDS = 10   # nginx.conf.template's $lmgate_spool_slot: $msec without its last digit
+CHECKPOINT_NAME = ".checkpoint.json"
+READ_BYTES = 1 << 20
+
+
+@dataclass
+class _File:
+    path: Path
+    inode: int
+    offset: int          # bytes already handed on (complete lines only)
+    handle: object = None
+    data: bytes = b""    # read but not yet handed on: the bytes from `offset` on
+
+
+def slot_of(name: str) -> int | None:
+    """The slot start (Unix seconds) of a spool file name, or None for other files."""
+    if not (name.startswith(SPOOL_PREFIX) and name.endswith(SPOOL_SUFFIX)):
+        return None
+    digits = name[len(SPOOL_PREFIX):-len(SPOOL_SUFFIX)]
+    return int(digits) if digits.isdigit() else None
+
+
+class SpoolReader:
+    """Reads the spool folder in order of slot; not thread-safe, driven by the sidecar's loop."""
+
+    def __init__(self, folder: Path, on_line: Callable[[bytes], None], max_line: int) -> None:
+        self.folder = folder
+        self.on_line = on_line      # raises for a line it cannot take; that line is skipped
+        self.max_line = max_line
+        self.files: dict[str, _File] = {}
+        self.lines = 0
+        self.bad_lines = 0
+        self.last_error: str | None = None
+        self._saved: dict[str, list[int]] = {}
+        self._resume = self._load_checkpoint()
+
+    # ------------------------------------------------------------------ reading
+
+    def read(self, max_lines: int) -> int:
+        """Hand on up to `max_lines` complete lines; return how many were handed on."""
+        done = 0
+        for name in self._names():
+            f = self.files.get(name) or self._open(name)
+            if f is None:
+                continue
+            done += self._read_file(f, max_lines - done)
+            if done >= max_lines:
+                break
+        return done
+
+    def _names(self) -> list[str]:
+        try:
+            names = [n for n in os.listdir(self.folder) if slot_of(n) is not None]
+        except OSError as exc:
+            self._error(f"cannot read the spool folder {self.folder}: {exc.strerror or exc}")
+            return []
+        self._clear_error_about("cannot read the spool folder")
+        return sorted(names, key=lambda n: slot_of(n) or 0)
+
+    def _open(self, name: str) -> _File | None:
+        path = self.folder / name
+        try:
+            handle = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open while the file is read
+        except OSError as exc:
+            self._error(f"cannot open {path}: {exc.strerror or exc}")
+            return None
+        inode = os.fstat(handle.fileno()).st_ino
+        resume = self._resume.pop(name, None)
+        offset = resume[1] if resume and resume[0] == inode else 0
+        handle.seek(offset)
+        f = self.files[name] = _File(path, inode, offset, handle)
+        return f
+
+    def _read_file(self, f: _File, max_lines: int) -> int:
+        done = 0
+        data, pos = f.data, 0
+        while done < max_lines:
+            end = data.find(b"\n", pos)
+            if end < 0:
+                if len(data) - pos > self.max_line:
+                    f.data = data[pos:]
+                    self._skip_long_line(f)
+                    data, pos = f.data, 0
+                    continue
+                chunk = f.handle.read(READ_BYTES)
+                if not chunk:
+                    break
+                data, pos = data[pos:] + chunk, 0
+                continue
+            if end > pos:
+                self.lines += 1
+                try:
+                    self.on_line(data[pos:end])
+                except Exception as exc:  # one bad line must not stop the others
+                    self.bad_lines += 1
+                    log.error("spool: cannot read the line at byte %d of %s: %s", f.offset, f.path.name,
+                              str(exc)[:200])
+            f.offset += end + 1 - pos
+            pos = end + 1
+            done += 1
+        f.data = data[pos:]
+        return done
+
+    def _skip_long_line(self, f: _File) -> None:
+        """A line longer than any nginx writes: not ours (or torn); skip to the next newline."""
+        where = f"{f.path.name}:{f.offset}"
+        while True:
+            end = f.data.find(b"\n")
+            if end >= 0:
+                f.offset += end + 1
+                f.data = f.data[end + 1:]
+                break
+            f.offset += len(f.data)
+            f.data = f.handle.read(READ_BYTES)
+            if not f.data:
+                break
+        self.bad_lines += 1
+        log.error("spool: skipped a line of over %d bytes at %s", self.max_line, where)
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes in the spool not yet handed on (an estimate: files are still growing)."""
+        total = 0
+        for name in self._names():
+            try:
+                size = (self.folder / name).stat().st_size
+            except OSError:
+                continue
+            f = self.files.get(name)
+            total += size - (f.offset if f else self._resume.get(name, [0, 0])[1])
+        return max(total, 0)
+
+    # ------------------------------------------------------- checkpoint, cleanup
+
+    def commit(self, now: float | None = None) -> None:
+        """Everything handed on so far is on disk: save the checkpoint, delete finished files."""
+        now = time.time() if now is None else now
+        for name, f in list(self.files.items()):
+            slot = slot_of(name) or 0
+            # nginx writes to a slot's file only during its 10 seconds (plus a last line or two
+            # while its clock catches up): a file two slots old that is read to its end is done.
+            if slot + 2 * SLOT_SECONDS <= now and f.offset + len(f.data) >= self._size(f):
+                if f.data:
+                    self.bad_lines += 1
+                    log.error("spool: %s ends in an incomplete line (%d bytes at offset %d); skipped",
+                              f.path.name, len(f.data), f.offset)
+                self._delete(name, f)
+        for name in [n for n in self._resume if not (self.folder / n).exists()]:
+            del self._resume[name]
+        state = {name: [f.inode, f.offset] for name, f in self.files.items()}
+        state.update({name: value for name, value in self._resume.items() if name not in state})
+        if state != self._saved:
+            self._save_checkpoint(state)
+
+    def _size(self, f: _File) -> int:
+        try:
+            return os.fstat(f.handle.fileno()).st_size
+        except OSError:
+            return 0
+
+    def _delete(self, name: str, f: _File) -> None:
+        f.handle.close()
+        del self.files[name]
+        try:
+            os.unlink(f.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._error(f"cannot delete {f.path}: {exc.strerror or exc}")
+
+    def _load_checkpoint(self) -> dict[str, list[int]]:
+        path = self.folder / CHECKPOINT_NAME
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            # Reading every file from its start again could double records: say so loudly.
+            log.error("spool: ignoring unreadable checkpoint %s (%s): files are read from their start",
+                      path, exc)
+            return {}
+        if not isinstance(state, dict):
+            log.error("spool: ignoring checkpoint %s: not a JSON object", path)
+            return {}
+        good = {k: v for k, v in state.items()
+                if isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)}
+        self._saved = dict(good)
+        return good
+
+    def _save_checkpoint(self, state: dict[str, list[int]]) -> None:
+        path = self.folder / CHECKPOINT_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(state, separators=(",", ":")))
+            os.replace(tmp, path)
+        except OSError as exc:
+            self._error(f"cannot save the checkpoint {path}: {exc.strerror or exc}")
+            return
+        self._saved = state
+        self._clear_error_about("cannot save the checkpoint")
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.handle.close()
+        self.files.clear()
+
+    # ------------------------------------------------------------------ errors
+
+    def _error(self, message: str) -> None:
+        if message != self.last_error:
+            log.error("spool: %s", message)
+        self.last_error = message
+
+    def _clear_error_about(self, prefix: str) -> None:
+        if self.last_error and self.last_error.startswith(prefix):
+            log.info("spool: recovered (%s)", self.last_error)
+            self.last_error = None
