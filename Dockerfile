@@ -32,12 +32,13 @@ RUN groupadd --gid 10001 lmgate \
     && useradd --no-log-init --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin lmgate \
     && chmod -R a+rX,go-w /app \
-    && install -d -o 10001 -g 10001 /app/data
+    && install -d -o 10001 -g 10001 /app/data /app/data/spool
 USER 10001:10001
 
-# The sidecar: HTTP 8081 (/auth, /stats, /livez, /readyz), UDP 8082 (nginx's fallback records).
-# The front: HTTP 8080. Which of them is published is docker-compose.yaml's business.
-EXPOSE 8080 8081 8082/udp
+# The sidecar: HTTP 8081 (/auth, /livez, /readyz). The front: HTTP 8080. Which of them is
+# published is docker-compose.yaml's business; the two share ./data/spool (nginx writes, the
+# sidecar reads).
+EXPOSE 8080 8081
 
 # Both entrypoints `exec` the Python process, which handles SIGTERM: the sidecar flushes its
 # buffered stats, `lmgate nginx` stops nginx gracefully.

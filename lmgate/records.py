@@ -148,7 +148,14 @@ def _load_line(line: bytes) -> dict[str, str]:
         meta = orjson.loads(line.decode("utf-8", "replace"))
     if not isinstance(meta, dict):
         raise ValueError("not a JSON object")
-    return {str(k): v if isinstance(v, str) else str(v) for k, v in meta.items()}
+    # Every value nginx writes is a string; a line with others is not nginx's and fails below.
+    return meta
+
+
+def _response_bytes(meta: dict[str, str]) -> int:
+    """Body bytes the client got: counted by the body filter when the body passed it (nginx's
+    $body_bytes_sent also counts chunked framing), else nginx's count (its own answers)."""
+    return _int(meta.get("bn")) if meta.get("bn") else _int(meta.get("n"))
 
 
 def _base64(text: str) -> bytes:
@@ -181,7 +188,7 @@ def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
             # The answer went through whole: the usual case.
             usage = extract_usage(api, provider_path, status, meta.get("ct", ""), head, tail)
             return _record(meta, status, usage, classify(status, None, usage.problem), received_at,
-                           api, _int(meta.get("n")))
+                           api, _response_bytes(meta))
         if meta.get("done") != "OK":
             # The client went away before the response was complete; nginx may still say 200.
             status = 499
@@ -194,4 +201,4 @@ def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
         # end (SDKs stop reading at [DONE] / message_stop): a complete call, not a cut one.
         status, nginx_error = _int(meta.get("s")), None
     return _record(meta, status, usage, classify(status, nginx_error, None), received_at, api,
-                   _int(meta.get("n")))
+                   _response_bytes(meta))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -107,24 +107,58 @@ def _loads(data: bytes) -> object:
         return json.loads(data.decode("utf-8", "replace"))
 
 
+class _SSEEvents:
+    """The data of each SSE event in a body, split as they are read, from either end: readers
+    that look for the usage from the end (OpenAI, Google) read only the last few events.
+
+    Lines end in LF, CRLF or CR, as SSE allows; an event ends at a blank line.
+    """
+
+    def __init__(self, buf: bytes) -> None:
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        self.buf = buf
+
+    def __iter__(self) -> Iterator[bytes]:
+        buf, pos = self.buf, 0
+        while pos < len(buf):
+            end = buf.find(b"\n\n", pos)
+            end = len(buf) if end < 0 else end
+            data = _event_data(buf[pos:end])
+            if data is not None:
+                yield data
+            pos = end + 2
+
+    def __reversed__(self) -> Iterator[bytes]:
+        buf, end = self.buf, len(self.buf)
+        while end > 0:
+            start = buf.rfind(b"\n\n", 0, end)
+            data = _event_data(buf[start + 2 if start >= 0 else 0:end])
+            if data is not None:
+                yield data
+            end = max(start, 0)
+
+
+# What the readers below take: both directions must work (reversed() included).
+Units = list[Unit] | _SSEEvents
+
+
+def _event_data(block: bytes) -> bytes | None:
+    """The data of one event (its `data:` lines joined by LF), None when it has none."""
+    if block.startswith(b"data:") and b"\n" not in block:  # the usual event: one data line
+        return block[6:] if block[5:6] == b" " else block[5:]
+    if b"data:" not in block:
+        return None
+    data = [line[6:] if line[5:6] == b" " else line[5:]
+            for line in block.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(data) if data else None
+
+
 def _sse_events(buf: bytes) -> list[bytes]:
-    """Data of each SSE event. Lines end in LF, CRLF or CR, as SSE allows; events end at a blank
-    line. Most events are a single `data:` line, taken without splitting it further."""
-    if b"\r" in buf:
-        buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    events: list[bytes] = []
-    for block in buf.split(b"\n\n"):
-        if block.startswith(b"data:") and b"\n" not in block:
-            events.append(block[6:] if block[5:6] == b" " else block[5:])
-        elif b"data:" in block:
-            data = [line[6:] if line[5:6] == b" " else line[5:]
-                    for line in block.split(b"\n") if line.startswith(b"data:")]
-            if data:
-                events.append(b"\n".join(data))
-    return events
+    return list(_SSEEvents(buf))
 
 
-def _split(head: bytes, tail: bytes | None) -> tuple[list[Unit], bool]:
+def _split(head: bytes, tail: bytes | None) -> tuple[Units, bool]:
     """Cut the capture into units.
 
     Returns (units, lost): lost means the units may lack the part of the body
@@ -140,7 +174,7 @@ def _split(head: bytes, tail: bytes | None) -> tuple[list[Unit], bool]:
         docs = doc if isinstance(doc, list) else [doc]
         return [d for d in docs if isinstance(d, dict)], False
     if tail is None:
-        return _sse_events(head), False
+        return _SSEEvents(head), False
     # Drop the partial line at the end of the head and at the start of the tail.
     head = head[: max(head.rfind(b"\n"), head.rfind(b"\r")) + 1]
     ends = [i for i in (tail.find(b"\n"), tail.find(b"\r")) if i >= 0]
@@ -168,7 +202,7 @@ def _scan(buf: bytes, key: str) -> list[object]:
     return values
 
 
-def _first_model(units: list[Unit], needle: re.Pattern[bytes], pick: Callable[[dict], str | None],
+def _first_model(units: Units, needle: re.Pattern[bytes], pick: Callable[[dict], str | None],
                  reverse: bool = False) -> str | None:
     for unit in reversed(units) if reverse else units:
         doc = _load(unit, needle)
@@ -185,7 +219,7 @@ def _openai_body(doc: dict) -> dict:
     return response if isinstance(response, dict) else doc
 
 
-def _openai(units: list[Unit]) -> tuple[str | None, dict | None]:
+def _openai(units: Units) -> tuple[str | None, dict | None]:
     """Chat/completions/embeddings and Responses, plain or streamed."""
     model_of = lambda doc: _str(_openai_body(doc).get("model"))  # noqa: E731
     for unit in reversed(units):      # usage is in the last chunk / the terminal event
@@ -206,7 +240,7 @@ def _openai_counts(usage: dict) -> Counts:
             "total_tokens": _int(usage.get("total_tokens"))}
 
 
-def _anthropic(units: list[Unit]) -> tuple[str | None, dict | None]:
+def _anthropic(units: Units) -> tuple[str | None, dict | None]:
     """Messages, plain or streamed: message_start usage, then each message_delta merged in."""
     model, usage = None, None
     for unit in units:
@@ -240,7 +274,7 @@ def _anthropic_counts(usage: dict) -> Counts:
             "cache_write_tokens": total("cache_creation_input_tokens")}
 
 
-def _google(units: list[Unit]) -> tuple[str | None, dict | None]:
+def _google(units: Units) -> tuple[str | None, dict | None]:
     """Gemini API and Vertex AI: every chunk holds a cumulative snapshot, so the last one counts."""
     model_of = lambda doc: _str(doc.get("modelVersion"))  # noqa: E731
     for unit in reversed(units):

@@ -83,6 +83,12 @@ function bodyTail(r) {
     return st === null || st.total === 0 ? '' : text()[1];
 }
 
+// The bytes of the body that passed, as the client reads them ($body_bytes_sent also counts
+// chunked framing).
+function bodyBytes(r) {
+    return st === null ? '' : String(st.total);
+}
+
 function bodyFlags(r) {
     if (st === null || st.total === 0) {
         return '';
@@ -113,4 +119,4 @@ function authHash(r) {
     return s === '' ? '' : crypto.createHash('sha256').update(s).digest('base64url');
 }
 
-export default {authHash, capture, bodyHead, bodyTail, bodyFlags};
+export default {authHash, capture, bodyHead, bodyTail, bodyBytes, bodyFlags};

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.gate import wait_until
+from tests.support.gate import spool_dir, wait_until
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -156,14 +155,15 @@ def layout(tmp_path, upstream):
     data.mkdir()
     (data / "allowlist.csv").write_text(f"id,api_key,owner,added\n"
                                         f"docker-test,{ALLOWED_KEY},ops@example.com,2026-01-01\n")
-    ports = {"proxy": free_port(), "server": free_port(), "fallback": free_port(socket.SOCK_DGRAM)}
+    ports = {"proxy": free_port(), "server": free_port()}
     # Nothing inherited from the caller's LMGATE_* settings: only what is set here applies.
     base = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_")}
     base["PATH"] = f"{lmgate.parent}{os.pathsep}{base.get('PATH', '')}"
     shared = {
         **base,
         "LMGATE_SERVER__PORT": str(ports["server"]),
-        "LMGATE_SERVER__FALLBACK_PORT": str(ports["fallback"]),
+        # compose: ./data/spool, mounted into both containers.
+        "LMGATE_STATS__SPOOL_DIR": str(spool_dir(tmp_path)),
         **{f"LMGATE_PROVIDERS__{p.upper()}__UPSTREAM": upstream.url for p in PROVIDERS},
     }
     sidecar_env = {
@@ -271,7 +271,7 @@ def test_both_services_run_answer_health_checks_and_stop_on_sigterm(layout):
         status, body = call(ports["proxy"], UNLISTED_KEY)
         assert status == 403 and body["error"]["code"] == "lmgate_forbidden", body
 
-        # Both calls reached the sidecar (capture report and fallback line); none is on disk yet.
+        # Both calls reached the sidecar through the spool; none is in the stats file yet.
         def reported() -> bool:
             with urllib.request.urlopen(f"http://127.0.0.1:{ports['server']}/readyz", timeout=1) as resp:
                 return json.loads(resp.read())["stats_buffered"] >= 2

@@ -616,7 +616,7 @@ def test_ten_thousand_mixed_calls_at_64_connections_give_exactly_ten_thousand_re
         {(11, 7, False)}
     assert {(r["input_tokens"], r["output_tokens"], r["stream"]) for r in by_endpoint["/openai" + sse]} == \
         {(5, 3, True)}
-    assert readyz(g)[1]["reports_dropped"] == 0
+    assert readyz(g)[1]["spool_bad_lines"] == 0
     growth = rss_after - rss_before
     print(f"\n10,000 calls in {elapsed:.1f}s ({total / elapsed:.0f}/s); sidecar RSS "
           f"{rss_before / 1024:.1f} -> {rss_after / 1024:.1f} MiB")

@@ -172,7 +172,6 @@ def _listeners(port: int, proto: str) -> set[str]:
 def test_sidecar_listens_on_loopback_only(routed):
     loopback = {"0100007F"}  # 127.0.0.1
     assert _listeners(routed.sidecar_port, "tcp") == loopback
-    assert _listeners(routed.fallback_port, "udp") == loopback
     from lmgate.settings import load_settings
     shipped = load_settings(CONFIG, environ={})
     assert shipped.server.host == "127.0.0.1"  # the shipped default: loopback

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -170,9 +171,9 @@ def test_nginx_publishes_8080(services):
 
 def test_sidecar_is_internal_only(compose, services):
     sidecar = services["lmgate"]
-    assert "ports" not in sidecar, "the sidecar's /auth and /stats must never be published"
+    assert "ports" not in sidecar, "the sidecar's /auth must never be published"
     assert sidecar.get("network_mode") is None
-    assert {str(p) for p in sidecar["expose"]} >= {"8081", "8082/udp", "8083"}
+    assert {str(p) for p in sidecar["expose"]} == {"8081"}
     networks = sidecar["networks"]
     assert networks, "the sidecar must be on an explicit network"
     for name in networks:
@@ -191,7 +192,7 @@ def test_sidecar_listens_on_the_compose_network_and_nginx_dials_it_by_name(servi
     assert nginx_env["LMGATE_SERVER__ADVERTISE_HOST"] == "lmgate"
     # The sidecar's ports are the defaults on both sides (nginx renders them into its config).
     for env in (sidecar_env, nginx_env):
-        assert "LMGATE_SERVER__PORT" not in env and "LMGATE_SERVER__FALLBACK_PORT" not in env
+        assert "LMGATE_SERVER__PORT" not in env
 
 
 def test_compose_environment_is_valid_config():
@@ -206,6 +207,8 @@ def test_compose_environment_is_valid_config():
         else:
             assert settings.server.reachable_host == "lmgate"
             assert PurePosixPath(str(settings.proxy.runtime_dir)).is_relative_to("/tmp")
+        # Both containers work in /app: the spool is /app/data/spool on either side.
+        assert PurePosixPath(str(settings.stats.spool_dir)) == PurePosixPath("data/spool")
 
 
 def test_mounts(services):
@@ -216,10 +219,16 @@ def test_mounts(services):
     assert ("./data", "/app/data", False) in sidecar, "./data must be mounted read-write"
     # The whole folder, not the file: a replaced allowlist.csv (new inode) must show inside.
     assert not any(source.startswith("./data/") for source, _, _ in sidecar)
-    assert not any(source.startswith("./data") for source, _, _ in nginx), "nginx needs no ./data"
-    # Both mount sources are in the repo.
+    # nginx writes the spool the sidecar reads (the same host folder, at the same path), and
+    # sees nothing else of ./data: not the allow-list, not the stats.
+    data_mounts = [m for m in nginx if m[0].startswith("./data")]
+    assert data_mounts == [("./data/spool", "/app/data/spool", False)], data_mounts
+    # Every mount source is in the repo (a missing one would be created by Docker, owned by root).
     assert (REPO / "config" / "lmgate.yaml").is_file()
     assert (REPO / "data" / "allowlist.csv").is_file()
+    assert (REPO / "data" / "spool").is_dir()
+    tracked = subprocess.run(["git", "ls-files", "data/spool"], cwd=REPO, capture_output=True, text=True)
+    assert tracked.stdout.split() == ["data/spool/.gitkeep"], "data/spool must exist in a fresh clone"
 
 
 def test_runtime_dir_is_writable_tmpfs(services):
