@@ -24,7 +24,7 @@ from lmgate.allowlist import AllowListHolder, mask_key
 from lmgate.keys import KeyProblem, extract_key
 from lmgate.settings import Settings, size_bytes
 from lmgate.spool import SpoolReader
-from lmgate.writer import StatsWriter
+from lmgate.writer import StatsWriter, request_ids_after
 
 log = logging.getLogger("lmgate.sidecar")
 
@@ -102,6 +102,21 @@ def _writable_folder(folder) -> bool:
     return existing.is_dir() and os.access(existing, os.W_OK)
 
 
+class _Recorder:
+    """Spool line -> record -> stats writer, skipping calls already in the stats file."""
+
+    def __init__(self, writer: StatsWriter) -> None:
+        self.writer = writer
+        self.skip: set[str] = set()
+
+    def __call__(self, line: bytes) -> None:
+        record = records.from_spool(line, time.time())
+        if self.skip and record["request_id"] in self.skip:
+            self.skip.discard(record["request_id"])
+            return
+        self.writer.add(record)
+
+
 async def _read_spool(app: web.Application) -> None:
     spool, writer = app[SPOOL], app[WRITER]
     while True:
@@ -119,16 +134,21 @@ async def _read_spool(app: web.Application) -> None:
 async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS].stats
     try:
-        s.spool_dir.mkdir(parents=True, exist_ok=True)
+        s.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         log.error("cannot create the spool folder %s: %s", s.spool_dir, exc.strerror or exc)
     writer = StatsWriter(s.output_path, s.rotate_bytes, s.flush_interval_seconds)
     app[WRITER] = writer
-    spool = app[SPOOL] = SpoolReader(
-        s.spool_dir, lambda line: writer.add(records.from_spool(line, time.time())),
-        _max_spool_line(app[SETTINGS]))
+    recorder = _Recorder(writer)
+    spool = app[SPOOL] = SpoolReader(s.spool_dir, recorder, _max_spool_line(app[SETTINGS]))
+    # Records written after the last checkpoint (the previous sidecar was killed between a flush
+    # and its checkpoint): their lines come again, and are skipped.
+    recorder.skip = request_ids_after(s.output_path, spool.stats_mark)
+    if recorder.skip:
+        log.warning("spool: %d calls were recorded after the last checkpoint; their lines are skipped",
+                    len(recorder.skip))
     # The spool may forget lines only once their records are on disk.
-    writer.on_flushed = spool.commit
+    writer.on_flushed = lambda: spool.commit(stats_mark=writer.mark())
     task = asyncio.create_task(writer.flush_forever())
     yield
     task.cancel()

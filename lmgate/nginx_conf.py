@@ -246,15 +246,18 @@ def _prepare_spool(folder: Path, user: str | None) -> None:
     folder above it must let them through.
     """
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The lines hold response heads and tails: no one else may read them.
+        if os.stat(folder).st_uid == os.geteuid():
+            os.chmod(folder, 0o700)
+        if user is not None:
+            name, _, group = user.partition(" ")
+            worker = pwd.getpwnam(name)
+            os.chown(folder, worker.pw_uid, grp.getgrnam(group).gr_gid if group else worker.pw_gid)
     except OSError as exc:
-        raise RenderError(f"stats.spool_dir: cannot create {folder}: {exc.strerror or exc}") from None
+        raise RenderError(f"stats.spool_dir: cannot prepare {folder}: {exc.strerror or exc}") from None
     if user is None:
         return
-    name, _, group = user.partition(" ")
-    worker = pwd.getpwnam(name)
-    gid = grp.getgrnam(group).gr_gid if group else worker.pw_gid
-    os.chown(folder, worker.pw_uid, gid)
     for above in folder.parents:
         mode = os.stat(above).st_mode
         if not mode & stat.S_IXOTH:

@@ -152,18 +152,18 @@ def _load_line(line: bytes) -> dict[str, str]:
     return meta
 
 
-def _response_bytes(meta: dict[str, str]) -> int:
-    """Body bytes the client got: counted by the body filter when the body passed it (nginx's
-    $body_bytes_sent also counts chunked framing), else nginx's count (its own answers)."""
-    return _int(meta.get("bn")) if meta.get("bn") else _int(meta.get("n"))
-
-
-def _base64(text: str) -> bytes:
-    """A captured part of the body; b"" (a call without usage) for anything nginx did not write."""
+def _body(meta: dict[str, str]) -> tuple[int, str, bytes, bytes | None]:
+    """The body filter's capture: (body bytes, flags, head, tail or None), see nginx/lmgate.js.
+    No capture (nginx's own answers, header-only ones): nginx's byte count and an empty head."""
+    parts = meta.get("body", "").split(":")
+    if len(parts) != 4:
+        return _int(meta.get("n")), "", b"", None
+    size, flags, head, tail = parts
     try:
-        return pybase64.b64decode(text, validate=True)
-    except ValueError:
-        return b""
+        return (_int(size), flags, pybase64.b64decode(head, validate=True),
+                pybase64.b64decode(tail, validate=True) if "g" in flags else None)
+    except ValueError:  # not what nginx writes: count the bytes, read no usage
+        return _int(size), flags, b"", None
 
 
 def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
@@ -178,9 +178,7 @@ def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
     provider_path = _provider_path(meta.get("u", "").split("?", 1)[0], provider)
     api = _api_for(provider, provider_path)
     status = _int(meta.get("s"))
-    flags = meta.get("bf", "")
-    head = _base64(meta.get("bh", ""))
-    tail = _base64(meta.get("bt", "")) if "g" in flags else None
+    response_bytes, flags, head, tail = _body(meta)
     nginx_error = meta.get("err") or None
     if nginx_error not in NGINX_ERRORS:
         nginx_error = None
@@ -188,7 +186,7 @@ def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
             # The answer went through whole: the usual case.
             usage = extract_usage(api, provider_path, status, meta.get("ct", ""), head, tail)
             return _record(meta, status, usage, classify(status, None, usage.problem), received_at,
-                           api, _response_bytes(meta))
+                           api, response_bytes)
         if meta.get("done") != "OK":
             # The client went away before the response was complete; nginx may still say 200.
             status = 499
@@ -201,4 +199,4 @@ def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
         # end (SDKs stop reading at [DONE] / message_stop): a complete call, not a cut one.
         status, nginx_error = _int(meta.get("s")), None
     return _record(meta, status, usage, classify(status, nginx_error, None), received_at, api,
-                   _response_bytes(meta))
+                   response_bytes)

@@ -6,8 +6,9 @@ so nginx moves to a new file every 10 seconds without being told. The sidecar re
 where it left off, hands each complete line to `on_line`, and after each flush of the stats file
 saves how far it got (`.checkpoint.json`) and deletes the files it has finished. Lines are only
 deleted once their records are on disk, so a sidecar that stops, crashes or falls behind loses
-nothing: it resumes from the checkpoint. If it is killed between a flush and the checkpoint, that
-flush's records are written again when it restarts (`request_id` tells the copies apart).
+nothing: it resumes from the checkpoint. The checkpoint also marks how long the stats file was:
+a sidecar killed between a flush and its checkpoint finds that flush's records past the mark at
+its next start, and skips their lines instead of recording them twice (lmgate/app.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SPOOL_PREFIX = "calls-"
 SPOOL_SUFFIX = ".jsonl"
 SLOT_SECONDS = 10   # nginx.conf.template's $lmgate_spool_slot: $msec without its last digit
 CHECKPOINT_NAME = ".checkpoint.json"
+STATS_MARK = "stats"  # the checkpoint's entry for the stats file; never a spool file's name
 READ_BYTES = 1 << 20
 
 
@@ -58,6 +60,7 @@ class SpoolReader:
         self.bad_lines = 0
         self.last_error: str | None = None
         self._saved: dict[str, list[int]] = {}
+        self.stats_mark: tuple[int, int] | None = None
         self._resume = self._load_checkpoint()
 
     # ------------------------------------------------------------------ reading
@@ -158,9 +161,15 @@ class SpoolReader:
 
     # ------------------------------------------------------- checkpoint, cleanup
 
-    def commit(self, now: float | None = None) -> None:
-        """Everything handed on so far is on disk: save the checkpoint, delete finished files."""
+    def commit(self, now: float | None = None, stats_mark: tuple[int, int] | None = None) -> None:
+        """Everything handed on so far is on disk: save the checkpoint, delete finished files.
+
+        `stats_mark` ((inode, size) of the stats file after the flush) goes into the checkpoint:
+        records past it, found at the next start, were written after the last checkpoint.
+        """
         now = time.time() if now is None else now
+        if stats_mark is not None:
+            self.stats_mark = stats_mark
         for name, f in list(self.files.items()):
             slot = slot_of(name) or 0
             # nginx writes to a slot's file only during its 10 seconds (plus a last line or two
@@ -175,6 +184,8 @@ class SpoolReader:
             del self._resume[name]
         state = {name: [f.inode, f.offset] for name, f in self.files.items()}
         state.update({name: value for name, value in self._resume.items() if name not in state})
+        if self.stats_mark is not None:
+            state[STATS_MARK] = list(self.stats_mark)
         if state != self._saved:
             self._save_checkpoint(state)
 
@@ -211,6 +222,8 @@ class SpoolReader:
         good = {k: v for k, v in state.items()
                 if isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)}
         self._saved = dict(good)
+        mark = good.pop(STATS_MARK, None)
+        self.stats_mark = (mark[0], mark[1]) if mark else None
         return good
 
     def _save_checkpoint(self, state: dict[str, list[int]]) -> None:

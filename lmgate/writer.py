@@ -97,6 +97,14 @@ class StatsWriter:
         self._flushed()
         return True
 
+    def mark(self) -> tuple[int, int] | None:
+        """(inode, size) of the stats file, None before it exists."""
+        try:
+            info = self.path.stat()
+        except OSError:
+            return None
+        return info.st_ino, info.st_size
+
     def _flushed(self) -> None:
         if self.on_flushed is not None:
             self.on_flushed()
@@ -126,3 +134,36 @@ class StatsWriter:
                 self.flush()
             except Exception:  # the flusher must outlive any surprise
                 log.exception("stats flush failed")
+
+
+def request_ids_after(path: Path, mark: tuple[int, int] | None) -> set[str]:
+    """The request ids of the records written to `path` after `mark` ((inode, size) of the file
+    at some earlier moment), including a rotation in between: the rotated file (found by its
+    inode) from the mark on, and then the whole current file."""
+    if mark is None:
+        return set()
+    inode, size = mark
+    try:
+        current = path.stat()
+    except FileNotFoundError:
+        current = None
+    if current is not None and current.st_ino == inode:
+        parts = [(path, size)]
+    else:
+        rotated = [p for p in path.parent.glob(f"{path.stem}.*{path.suffix}") if p.stat().st_ino == inode]
+        if not rotated:  # the file was replaced or removed by hand: nothing to compare with
+            return set()
+        parts = [(rotated[0], size)]
+        if current is not None:
+            parts.append((path, 0))
+    ids = set()
+    for file, start in parts:
+        with open(file, "rb") as f:
+            f.seek(start)
+            for line in f:
+                try:
+                    ids.add(orjson.loads(line)["request_id"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+    ids.discard(None)
+    return ids

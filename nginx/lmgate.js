@@ -18,8 +18,7 @@ function start(r) {
         tailLen: 0,
         dropped: false,  // some bytes between the head and the tail were not kept
         total: 0,
-        last: false,     // the last buffer passed: the answer was complete
-        text: null       // [head, tail] as strings, built once for the log line
+        last: false      // the last buffer passed: the answer was complete
     };
 }
 
@@ -53,47 +52,27 @@ function capture(r, data, flags) {
     }
 }
 
-// The kept bytes in base64: [whole body, ""] when nothing was dropped, else [head, last tailMax
-// bytes]. Base64 because it is the cheapest byte-exact text njs can make (its UTF-8 decoding
-// costs ~10x more) and it needs no escaping in the log line.
-function text() {
-    if (st.text === null) {
-        var tail = st.tail.length ? Buffer.concat(st.tail) : null;
-        if (!st.dropped && (tail === null || tail.length <= st.tailMax)) {
-            var all = tail === null ? st.head : st.head.concat([tail]);
-            st.text = [Buffer.concat(all).toString('base64'), ''];
-        } else {
-            if (tail.length > st.tailMax) {
-                tail = tail.slice(tail.length - st.tailMax);
-            }
-            st.text = [Buffer.concat(st.head).toString('base64'), tail.toString('base64')];
-        }
-    }
-    return st.text;
-}
-
-// For the log line: the whole body (or its head), its tail when the middle was dropped, and
-// flags: "g" = gap between head and tail, "x" = the last buffer never came (the answer was cut
-// short or the client went away).
-function bodyHead(r) {
-    return st === null || st.total === 0 ? '' : text()[0];
-}
-
-function bodyTail(r) {
-    return st === null || st.total === 0 ? '' : text()[1];
-}
-
-// The bytes of the body that passed, as the client reads them ($body_bytes_sent also counts
-// chunked framing).
-function bodyBytes(r) {
-    return st === null ? '' : String(st.total);
-}
-
-function bodyFlags(r) {
+// For the call's spool line: "<bytes>:<flags>:<head>:<tail>", or "" when no body passed.
+// bytes: what passed the filter ($body_bytes_sent also counts chunked framing); flags: "g" when
+// bytes between the head and the tail were dropped, "x" when the last buffer never came (the
+// answer was cut short, or the client went away); head: the whole body in base64 (without "g"),
+// else its first headMax bytes; tail: with "g", the last tailMax bytes. Base64 because it is the
+// cheapest byte-exact text njs makes (its UTF-8 decoding costs ~10x more) and needs no escaping.
+// One function for all of it: each js_set costs a call into njs.
+function body(r) {
     if (st === null || st.total === 0) {
         return '';
     }
-    return (st.dropped || st.tailLen > st.tailMax ? 'g' : '') + (st.last ? '' : 'x');
+    var tail = st.tail.length ? Buffer.concat(st.tail) : null;
+    var gap = st.dropped || (tail !== null && tail.length > st.tailMax);
+    var flags = (gap ? 'g' : '') + (st.last ? '' : 'x');
+    if (!gap) {
+        var all = tail === null ? st.head : st.head.concat([tail]);
+        return st.total + ':' + flags + ':' + Buffer.concat(all).toString('base64') + ':';
+    }
+    tail = tail.slice(tail.length - st.tailMax);
+    return st.total + ':' + flags + ':' + Buffer.concat(st.head).toString('base64') + ':' +
+        tail.toString('base64');
 }
 
 // The /auth cache key: a hash of every header and the query string the sidecar may read a key
@@ -119,4 +98,4 @@ function authHash(r) {
     return s === '' ? '' : crypto.createHash('sha256').update(s).digest('base64url');
 }
 
-export default {authHash, capture, bodyHead, bodyTail, bodyBytes, bodyFlags};
+export default {authHash, capture, body};
