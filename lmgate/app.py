@@ -200,8 +200,10 @@ def request_limits(settings: Settings) -> dict[str, int]:
 
 
 def _max_spool_line(settings: Settings) -> int:
-    """The longest line nginx can write: JSON escaping at most sextuples a captured byte."""
-    return 6 * (settings.stats.capture_head_bytes + settings.stats.capture_tail_bytes) + 65536
+    """The longest line nginx can write: the capture in base64, a path up to the header limit
+    (escaped: at most doubled), and a bounded rest."""
+    capture = settings.stats.capture_head_bytes + settings.stats.capture_tail_bytes
+    return capture * 4 // 3 + 2 * size_bytes(settings.proxy.max_header_size) + 65536
 
 
 def serve(settings: Settings) -> None:

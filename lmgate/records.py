@@ -140,6 +140,10 @@ def _cut_usage(meta: dict[str, str], api: str, provider_path: str, status: int, 
     return Usage(model=model, stream=stream), False
 
 
+# The fields of the spool line that are read (nginx writes each as a string).
+_FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err", "ct", "n", "body")
+
+
 def _load_line(line: bytes) -> dict[str, str]:
     try:
         meta = orjson.loads(line)
@@ -148,7 +152,9 @@ def _load_line(line: bytes) -> dict[str, str]:
         meta = orjson.loads(line.decode("utf-8", "replace"))
     if not isinstance(meta, dict):
         raise ValueError("not a JSON object")
-    # Every value nginx writes is a string; a line with others is not nginx's and fails below.
+    for name in _FIELDS:
+        if type(meta.get(name, "")) is not str:
+            raise ValueError(f"{name} is not a string: not a line nginx wrote")
     return meta
 
 

@@ -38,6 +38,7 @@ class _File:
     offset: int          # bytes already handed on (complete lines only)
     handle: object = None
     data: bytes = b""    # read but not yet handed on: the bytes from `offset` on
+    skipping: bool = False  # inside a line over max_line, dropped up to its newline
 
 
 def slot_of(name: str) -> int | None:
@@ -93,10 +94,15 @@ class SpoolReader:
         except OSError as exc:
             self._error(f"cannot open {path}: {exc.strerror or exc}")
             return None
-        inode = os.fstat(handle.fileno()).st_ino
+        info = os.fstat(handle.fileno())
         resume = self._resume.pop(name, None)
-        offset = resume[1] if resume and resume[0] == inode else 0
+        offset = resume[1] if resume and resume[0] == info.st_ino else 0
+        if not 0 <= offset <= info.st_size:
+            log.error("spool: the checkpoint's offset %d for %s is outside the file (%d bytes); "
+                      "reading it from its start", offset, name, info.st_size)
+            offset = 0
         handle.seek(offset)
+        inode = info.st_ino
         f = self.files[name] = _File(path, inode, offset, handle)
         return f
 
@@ -106,17 +112,22 @@ class SpoolReader:
         while done < max_lines:
             end = data.find(b"\n", pos)
             if end < 0:
-                if len(data) - pos > self.max_line:
-                    f.data = data[pos:]
-                    self._skip_long_line(f)
-                    data, pos = f.data, 0
-                    continue
+                if not f.skipping and len(data) - pos > self.max_line:
+                    self._long_line(f)
+                    f.skipping = True
+                if f.skipping:  # drop what has come of the long line, keeping count of its bytes
+                    f.offset += len(data) - pos
+                    data, pos = b"", 0
                 chunk = f.handle.read(READ_BYTES)
                 if not chunk:
                     break
                 data, pos = data[pos:] + chunk, 0
                 continue
-            if end > pos:
+            if f.skipping:
+                f.skipping = False  # the end of a long line
+            elif end - pos > self.max_line:
+                self._long_line(f)
+            elif end > pos:
                 self.lines += 1
                 try:
                     self.on_line(data[pos:end])
@@ -130,21 +141,11 @@ class SpoolReader:
         f.data = data[pos:]
         return done
 
-    def _skip_long_line(self, f: _File) -> None:
-        """A line longer than any nginx writes: not ours (or torn); skip to the next newline."""
-        where = f"{f.path.name}:{f.offset}"
-        while True:
-            end = f.data.find(b"\n")
-            if end >= 0:
-                f.offset += end + 1
-                f.data = f.data[end + 1:]
-                break
-            f.offset += len(f.data)
-            f.data = f.handle.read(READ_BYTES)
-            if not f.data:
-                break
+    def _long_line(self, f: _File) -> None:
+        """A line longer than any nginx writes (not nginx's, or torn): skipped, counted once."""
         self.bad_lines += 1
-        log.error("spool: skipped a line of over %d bytes at %s", self.max_line, where)
+        log.error("spool: skipped a line of over %d bytes at byte %d of %s", self.max_line, f.offset,
+                  f.path.name)
 
     @property
     def backlog_bytes(self) -> int:
@@ -174,7 +175,9 @@ class SpoolReader:
             slot = slot_of(name) or 0
             # nginx writes to a slot's file only during its 10 seconds (plus a last line or two
             # while its clock catches up): a file two slots old that is read to its end is done.
-            if slot + 2 * SLOT_SECONDS <= now and f.offset + len(f.data) >= self._size(f):
+            # Done means read to the end, and nothing but a torn last line left unhanded.
+            if (slot + 2 * SLOT_SECONDS <= now and b"\n" not in f.data
+                    and f.offset + len(f.data) >= self._size(f)):
                 if f.data:
                     self.bad_lines += 1
                     log.error("spool: %s ends in an incomplete line (%d bytes at offset %d); skipped",

@@ -1,4 +1,5 @@
-"""The sidecar app through aiohttp's test client: /auth, /stats, /livez, /readyz, reload, shutdown."""
+"""The sidecar app through aiohttp's test client: /auth, the spool it reads (lines in, records
+out), /livez, /readyz, reload, restart and shutdown."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
 from multidict import CIMultiDict
-from yarl import URL
 
+import lmgate.app
 from lmgate.allowlist import AllowListHolder, hash_key
-from lmgate.app import create_app
+from lmgate.app import SPOOL, create_app
 from lmgate.settings import load_settings
+from lmgate.spool import CHECKPOINT_NAME, SLOT_SECONDS, STATS_MARK
+from tests.support.spool_lines import append, slot, spool_file, spool_line
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +31,7 @@ KEY_BOB = "sk-ant-bob-fedcba9876543210"
 KEY_CAROL = "AIzaSyCarol-000111222333444"
 KEY_UNKNOWN = "sk-proj-mallory-999999999999"
 HEAD_BYTES, TAIL_BYTES = 1024, 2048
+OLD = 6 * SLOT_SECONDS        # a slot this far back is finished: its file is deleted once read and flushed
 
 OPENAI_BODY = json.dumps({
     "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
@@ -50,13 +53,19 @@ def write_allowlist(path: Path, text: str, seconds_ago: float = 10.0) -> None:
     os.utime(path, ns=(when, when))
 
 
-def report_query(rid: str = "r1", id: str = "alice", owner: str = "Alice Smith", status: int = 200,
-                 body: bytes = OPENAI_BODY, t: str = "0.250", ts: str | None = None) -> str:
-    """The metadata lmgate.js sends with its POST /stats."""
-    ts = ts or f"{time.time():.3f}"
-    return (f"rid={rid}&id={quote(id, safe='')}&own={quote(owner, safe='')}&mk=...abcdef&p=openai&m=POST"
-            f"&u=%2Fopenai%2Fv1%2Fchat%2Fcompletions&s={status}&ct=application%2Fjson&t={t}&ts={ts}"
-            f"&h={len(body)}&n={len(body)}")
+def call_line(rid: str = "r1", body: bytes = OPENAI_BODY, **fields) -> bytes:
+    """The spool line nginx writes for a call alice made just now (see tests/support/spool_lines.py)."""
+    fields.setdefault("ts", f"{time.time():.3f}")
+    fields.setdefault("t", "0.250")
+    fields.setdefault("own", "Alice Smith")
+    return spool_line(body, rid=rid, head_max=HEAD_BYTES, tail_max=TAIL_BYTES, **fields)
+
+
+def spool_checkpoint(spool: Path) -> dict:
+    """The spool's checkpoint without its mark of the stats file: spool file name -> [inode, offset]."""
+    state = json.loads((spool / CHECKPOINT_NAME).read_text())
+    state.pop(STATS_MARK, None)
+    return state
 
 
 def read_records(path: Path) -> list[dict]:
@@ -79,16 +88,43 @@ async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
 class Gate:
     """One sidecar app under test, its files and its test client."""
 
-    def __init__(self, client, settings, holder, allowlist: Path, stats: Path):
+    def __init__(self, client, settings, holder, allowlist: Path, stats: Path, spool: Path):
         self.client, self.settings, self.holder = client, settings, holder
-        self.allowlist, self.stats = allowlist, stats
+        self.allowlist, self.stats, self.spool = allowlist, stats, spool
+        self.app = client.server.app
 
     def records(self) -> list[dict]:
         return read_records(self.stats)
 
+    def rids(self) -> list[str]:
+        return [r["request_id"] for r in self.records()]
+
     async def wait_records(self, n: int, timeout: float = 5.0) -> list[dict]:
         await wait_for(lambda: len(self.records()) >= n, timeout)
         return self.records()
+
+    async def wait_rid(self, rid: str, timeout: float = 5.0) -> list[dict]:
+        await wait_for(lambda: rid in self.rids(), timeout)
+        return self.records()
+
+    def write(self, *lines: bytes, slot_start: int | None = None) -> Path:
+        """Append lines (in one write) to the spool file nginx writes now, or to another slot's."""
+        path = spool_file(self.spool, slot() if slot_start is None else slot_start)
+        append(path, b"".join(line + b"\n" for line in lines))
+        return path
+
+    async def readyz(self) -> tuple[int, dict]:
+        resp = await self.client.get("/readyz")
+        return resp.status, await resp.json()
+
+    async def wait_ready(self, predicate, timeout: float = 5.0) -> tuple[int, dict]:
+        """/readyz once predicate(status, body) holds (or the last answer after the timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code, body = await self.readyz()
+            if predicate(code, body) or time.monotonic() > deadline:
+                return code, body
+            await asyncio.sleep(0.02)
 
     async def auth(self, headers=None, query: str | None = None,
                    path: str = "/gemini/v1beta/models/gemini-2.0-flash:generateContent"):
@@ -99,25 +135,22 @@ class Gate:
         body = await resp.read()
         return resp, body
 
-    async def post_stats(self, query: str, body: bytes = OPENAI_BODY):
-        url = URL(f"http://{self.client.host}:{self.client.port}/stats?{query}", encoded=True)
-        async with self.client.session.post(url, data=body,
-                                            headers={"Content-Type": "application/octet-stream"}) as resp:
-            await resp.read()
-            return resp.status
-
 
 @pytest.fixture
 def make_gate(tmp_path, aiohttp_client):
-    """make_gate(env overrides..., stats_path=...) -> Gate with a running app."""
-    async def make(*, stats_path: Path | None = None, rows=DEFAULT_ROWS, **env: str) -> Gate:
+    """make_gate(env overrides..., stats_path=..., spool_dir=...) -> Gate with a running app.
+    Gates made one after the other share their allow-list, stats file and spool (a restart)."""
+    async def make(*, stats_path: Path | None = None, spool_dir: Path | None = None, rows=DEFAULT_ROWS,
+                   **env: str) -> Gate:
         allowlist = tmp_path / "allowlist.csv"
         write_allowlist(allowlist, allowlist_text(*rows))
         stats = stats_path or tmp_path / "data" / "stats.jsonl"
+        spool = spool_dir or tmp_path / "spool"
         environ = {
             "LMGATE_AUTH__ALLOWLIST_PATH": str(allowlist),
             "LMGATE_AUTH__POLL_INTERVAL_SECONDS": "30",
             "LMGATE_STATS__OUTPUT_PATH": str(stats),
+            "LMGATE_STATS__SPOOL_DIR": str(spool),
             "LMGATE_STATS__FLUSH_INTERVAL_SECONDS": "0.05",
             "LMGATE_STATS__CAPTURE_HEAD_BYTES": str(HEAD_BYTES),
             "LMGATE_STATS__CAPTURE_TAIL_BYTES": str(TAIL_BYTES),
@@ -125,9 +158,8 @@ def make_gate(tmp_path, aiohttp_client):
         }
         settings = load_settings(CONFIG, environ=environ)
         holder = AllowListHolder(settings.auth.allowlist_path, settings.auth.poll_interval_seconds)
-        app = create_app(settings, holder, listen_fallback=False)
-        client = await aiohttp_client(app)
-        return Gate(client, settings, holder, allowlist, stats)
+        client = await aiohttp_client(create_app(settings, holder))
+        return Gate(client, settings, holder, allowlist, stats, spool)
 
     return make
 
@@ -231,40 +263,67 @@ async def test_auth_post_is_not_allowed(make_gate):
     assert resp.status == 405
 
 
-# ---------------------------------------------------------------- /stats
+# ---------------------------------------------------------------- the spool
 
-async def test_stats_answers_204_and_the_record_reaches_disk(make_gate):
+async def test_a_spool_line_becomes_a_record_on_disk(make_gate):
     gate = await make_gate()
-    started = time.monotonic()
-    status = await gate.post_stats(report_query(rid="abc123", owner="Alice Smith"))
-    assert status == 204
-    assert time.monotonic() - started < 1.0
-    records = await gate.wait_records(1)
-    assert len(records) == 1
-    r = records[0]
+    gate.write(call_line(rid="abc123"))
+    [r] = await gate.wait_records(1)
     assert r["request_id"] == "abc123"
-    assert r["lmgate_id"] == "alice" and r["owner"] == "Alice Smith"
+    assert r["lmgate_id"] == "alice" and r["owner"] == "Alice Smith" and r["masked_key"] == "...abcdef"
     assert r["endpoint"] == "/openai/v1/chat/completions"
     assert (r["model"], r["input_tokens"], r["output_tokens"], r["total_tokens"]) == ("gpt-4o-mini", 11, 3, 14)
     assert r["status"] == 200 and r["error_type"] is None
+    code, body = await gate.readyz()
+    assert code == 200 and body["ready"] is True
+    assert body["spool_lines_read"] == 1 and body["spool_bad_lines"] == 0
+    assert body["spool_backlog_bytes"] == 0
+    assert body["stats_written"] == 1
 
 
-async def test_stats_response_has_no_body(make_gate):
+async def test_every_outcome_becomes_one_record(make_gate):
     gate = await make_gate()
-    resp = await gate.client.post("/stats?" + report_query(), data=OPENAI_BODY)
-    assert resp.status == 204
-    assert await resp.read() == b""
+    stream = b"data: " + json.dumps({"model": "gpt-4o", "choices": []}).encode() + b"\n\n"
+    gate.write(
+        call_line(rid="answered"),
+        call_line(rid="denied", s=403, err="forbidden", id="", own="", body=b"", n=151),
+        call_line(rid="gate-down", s=403, err="gate_unavailable", id="", own="", mk="", body=b""),
+        call_line(rid="client-gone", body=stream, ct="text/event-stream", done=False, last=False),
+        call_line(rid="provider-cut", body=stream, ct="text/event-stream", last=False),
+        call_line(rid="nginx-502", s=502, err="upstream_unreachable", body=b""),
+        call_line(rid="rate-limited", s=429, body=b'{"error":{"message":"slow down"}}'),
+    )
+    records = {r["request_id"]: r for r in await gate.wait_records(7)}
+    outcome = {rid: (r["status"], r["error_type"]) for rid, r in records.items()}
+    assert outcome == {
+        "answered": (200, None), "denied": (403, "forbidden"), "gate-down": (403, "gate_unavailable"),
+        "client-gone": (499, "client_closed"), "provider-cut": (200, "upstream_unreachable"),
+        "nginx-502": (502, "upstream_unreachable"), "rate-limited": (429, "rate_limited"),
+    }
+    assert records["denied"]["lmgate_id"] is None and records["denied"]["response_bytes"] == 151
+    assert records["client-gone"]["model"] == "gpt-4o"
 
 
-async def test_stats_many_reports_each_recorded_once(make_gate):
+async def test_lines_across_slot_files_each_recorded_once_and_finished_files_deleted(make_gate):
     gate = await make_gate()
-    statuses = await asyncio.gather(*(gate.post_stats(report_query(rid=f"r{i}")) for i in range(100)))
-    assert set(statuses) == {204}
+    now = slot()
+    old1 = gate.write(*(call_line(rid=f"a{i}") for i in range(30)), slot_start=now - OLD - 10)
+    old2 = gate.write(*(call_line(rid=f"b{i}") for i in range(30)), slot_start=now - OLD)
+    current = gate.write(*(call_line(rid=f"c{i}") for i in range(40)))
     records = await gate.wait_records(100)
-    assert sorted(r["request_id"] for r in records) == sorted(f"r{i}" for i in range(100))
+    assert len(records) == 100
+    assert sorted(gate.rids()) == sorted([f"a{i}" for i in range(30)] + [f"b{i}" for i in range(30)]
+                                         + [f"c{i}" for i in range(40)])
+    # Slot order: the older files' lines come first.
+    assert [r[0] for r in gate.rids()] == ["a"] * 30 + ["b"] * 30 + ["c"] * 40
+    assert await wait_for(lambda: not old1.exists() and not old2.exists())
+    assert current.exists()                          # nginx may still be writing it
+    assert spool_checkpoint(gate.spool) == {current.name: [current.stat().st_ino, current.stat().st_size]}
+    await asyncio.sleep(0.2)                         # a few more flushes: nothing comes twice
+    assert len(gate.records()) == 100
 
 
-async def test_stats_head_tail_capture_at_the_size_limit(make_gate):
+async def test_usage_at_the_tail_of_a_capture_at_the_size_limit(make_gate):
     gate = await make_gate()
     events = [{"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
                "choices": [{"index": 0, "delta": {"content": "x" * 40}}]}] * 200
@@ -272,58 +331,150 @@ async def test_stats_head_tail_capture_at_the_size_limit(make_gate):
                    "usage": {"prompt_tokens": 5, "completion_tokens": 200, "total_tokens": 205}})
     stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
     assert len(stream) > HEAD_BYTES + TAIL_BYTES
-    captured = stream[:HEAD_BYTES] + stream[-TAIL_BYTES:]
-    q = (f"rid=s1&id=alice&own=Alice&mk=...abcdef&p=openai&m=POST&u=%2Fopenai%2Fv1%2Fchat%2Fcompletions"
-         f"&s=200&ct=text%2Fevent-stream&t=3.0&ts={time.time():.3f}&h={HEAD_BYTES}&n={len(stream)}")
-    assert await gate.post_stats(q, captured) == 204
+    gate.write(call_line(rid="s1", body=stream, ct="text/event-stream", t="3.0"))
     [r] = await gate.wait_records(1)
     assert r["stream"] is True and r["model"] == "gpt-4o"
     assert (r["input_tokens"], r["output_tokens"]) == (5, 200)
     assert r["response_bytes"] == len(stream)
 
 
-# ---------------------------------------------------------------- /livez, /readyz
+async def test_calls_made_while_the_sidecar_was_down_are_recorded_when_it_starts(make_gate, tmp_path):
+    spool = tmp_path / "spool"
+    now = slot()
+    append(spool_file(spool, now - OLD), b"".join(call_line(rid=f"down{i}") + b"\n" for i in range(40)))
+    append(spool_file(spool, now), b"".join(call_line(rid=f"now{i}") + b"\n" for i in range(10)))
+    gate = await make_gate(spool_dir=spool)
+    await gate.wait_records(50)
+    assert sorted(gate.rids()) == sorted([f"down{i}" for i in range(40)] + [f"now{i}" for i in range(10)])
+    assert await wait_for(lambda: not spool_file(spool, now - OLD).exists())
 
-async def test_livez(make_gate):
+
+async def test_a_partial_line_waits_for_its_end(make_gate):
     gate = await make_gate()
-    resp = await gate.client.get("/livez")
-    assert resp.status == 200 and await resp.text() == "ok\n"
+    line = call_line(rid="torn")
+    path = gate.write(call_line(rid="before"))
+    append(path, line[:40])                          # nginx is halfway through its write
+    await gate.wait_rid("before")
+    code, body = await gate.wait_ready(lambda c, b: b["spool_backlog_bytes"] == 40)
+    assert body["spool_backlog_bytes"] == 40 and body["spool_lines_read"] == 1
+    assert code == 200                               # a line being written is no problem
+    append(path, line[40:] + b"\n")
+    await gate.wait_rid("torn")
+    assert gate.rids() == ["before", "torn"]
+    code, body = await gate.wait_ready(lambda c, b: b["spool_backlog_bytes"] == 0)
+    assert body["spool_lines_read"] == 2 and body["spool_backlog_bytes"] == 0
 
 
-async def test_readyz_ready(make_gate):
+async def test_bad_lines_are_counted_and_never_stop_the_next(make_gate, caplog):
     gate = await make_gate()
-    resp = await gate.client.get("/readyz")
-    assert resp.status == 200
-    body = await resp.json()
-    assert body["ready"] is True and body["problems"] == []
-    assert body["allowlist_keys"] == 3
+    bad = [b"garbage " + KEY_UNKNOWN.encode(), b"{", b"[1,2,3]", b"\xff\xfe\x00",
+           b'{"rid":"surrogate-\\ud800","s":"200"}',
+           call_line(rid="torn")[:-3]]
+    with caplog.at_level(logging.ERROR):
+        for i, line in enumerate(bad):
+            gate.write(line, call_line(rid=f"good{i}"))
+        await gate.wait_records(len(bad))
+        code, body = await gate.wait_ready(lambda c, b: b["spool_bad_lines"] == len(bad))
+    assert gate.rids() == [f"good{i}" for i in range(len(bad))]
+    assert body["spool_bad_lines"] == len(bad) and body["spool_lines_read"] == 2 * len(bad)
+    assert code == 200 and body["ready"] is True     # bad lines are counted, not a problem
+    assert sum("spool: cannot read the line" in r.getMessage() for r in caplog.records) == len(bad)
+    assert KEY_UNKNOWN not in caplog.text
 
+
+async def test_reader_survives_a_line_that_cannot_be_turned_into_a_record(make_gate, monkeypatch, caplog):
+    import lmgate.records
+    real = lmgate.records.from_spool
+
+    def flaky(line, received_at):
+        if b'"rid":"boom"' in line:
+            raise RuntimeError("unreadable line")
+        return real(line, received_at)
+
+    monkeypatch.setattr(lmgate.records, "from_spool", flaky)
+    gate = await make_gate()
+    with caplog.at_level(logging.ERROR, logger="lmgate.spool"):
+        for i in range(3):
+            gate.write(call_line(rid="boom"), call_line(rid=f"good{i}"))
+        await gate.wait_records(3)
+    assert gate.rids() == ["good0", "good1", "good2"]
+    assert sum("unreadable line" in r.getMessage() for r in caplog.records) == 3
+    _, body = await gate.readyz()
+    assert body["spool_bad_lines"] == 3
+
+
+async def test_the_old_stats_endpoint_is_gone(make_gate):
+    gate = await make_gate()
+    resp = await gate.client.post("/stats?rid=x", data=OPENAI_BODY)
+    assert resp.status == 404
+
+
+async def test_readyz_503_when_the_spool_folder_cannot_be_made_and_recovers(make_gate, tmp_path):
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the spool's parent folder should be")
+    gate = await make_gate(spool_dir=blocker / "spool")
+    code, body = await gate.wait_ready(lambda c, b: c == 503 and any("cannot read" in p for p in b["problems"]))
+    assert code == 503 and body["ready"] is False
+    assert any(p.startswith("spool:") and "cannot read the spool folder" in p for p in body["problems"])
+    blocker.unlink()
+    (blocker / "spool").mkdir(parents=True)
+    gate.write(call_line(rid="after"))
+    await gate.wait_rid("after")
+    code, body = await gate.wait_ready(lambda c, b: c == 200)
+    assert code == 200 and body["problems"] == []
+
+
+async def test_readyz_503_when_the_reader_has_stopped(make_gate, monkeypatch):
+    async def gives_up(app):
+        return None
+
+    monkeypatch.setattr(lmgate.app, "_read_spool", gives_up)
+    gate = await make_gate()
+    code, body = await gate.wait_ready(lambda c, b: c == 503)
+    assert code == 503
+    assert "spool: the reader has stopped" in body["problems"]
+
+
+async def test_reading_pauses_while_too_many_records_wait_for_the_disk(make_gate, tmp_path, monkeypatch):
+    """While the stats disk refuses writes, the lines wait in the spool, not in memory."""
+    monkeypatch.setattr(lmgate.app, "MAX_PENDING_RECORDS", 10)
+    monkeypatch.setattr(lmgate.app, "BATCH", 5)
+    blocker = tmp_path / "blocked"
+    blocker.write_text("")
+    gate = await make_gate(stats_path=blocker / "stats.jsonl")
+    gate.write(*(call_line(rid=f"w{i}") for i in range(60)))
+    code, body = await gate.wait_ready(lambda c, b: b["stats_buffered"] >= 10)
+    await asyncio.sleep(0.2)
+    code, body = await gate.readyz()
+    assert code == 503
+    assert 10 <= body["stats_buffered"] < 15 and body["spool_lines_read"] == body["stats_buffered"]
+    assert body["spool_backlog_bytes"] > 0
+    blocker.unlink()                                 # the disk takes writes again
+    await gate.wait_records(60)
+    assert sorted(gate.rids()) == sorted(f"w{i}" for i in range(60))
+
+
+# ---------------------------------------------------------------- the stats disk, restarts
 
 async def test_readyz_503_after_stats_write_fails_and_recovers(make_gate, tmp_path):
     blocker = tmp_path / "blocked"
     blocker.write_text("a file where the stats folder should be")
     gate = await make_gate(stats_path=blocker / "stats.jsonl")
-    assert await gate.post_stats(report_query(rid="kept")) == 204
-
-    async def status():
-        resp = await gate.client.get("/readyz")
-        return resp.status, await resp.json()
-
-    deadline = time.monotonic() + 5
-    code, body = await status()
-    while code != 503 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        code, body = await status()
+    gate.write(call_line(rid="kept"))
+    code, body = await gate.wait_ready(lambda c, b: c == 503 and b["stats_buffered"] == 1)
     assert code == 503
     assert body["ready"] is False
     assert any("stats" in p for p in body["problems"])
     assert body["stats_buffered"] == 1
+    # Nothing is on disk, so the spool must not forget the line.
+    assert not (gate.spool / CHECKPOINT_NAME).exists()
 
     blocker.unlink()                               # the cause is gone: writing resumes by itself
     records = await gate.wait_records(1)
     assert [r["request_id"] for r in records] == ["kept"]
-    code, body = await status()
+    code, body = await gate.wait_ready(lambda c, b: c == 200)
     assert code == 200 and body["ready"] is True and body["stats_written"] == 1
+    assert await wait_for(lambda: (gate.spool / CHECKPOINT_NAME).exists())
 
 
 async def test_readyz_503_at_once_when_stats_folder_is_a_file(make_gate, tmp_path):
@@ -347,6 +498,121 @@ async def test_readyz_503_when_stats_folder_read_only(make_gate, tmp_path):
         folder.chmod(0o700)
 
 
+async def test_a_restart_records_each_line_once(make_gate):
+    first = await make_gate()
+    first.write(*(call_line(rid=f"one{i}") for i in range(20)))
+    await first.wait_records(20)
+    await first.client.close()                       # flushes, saves the checkpoint
+    second = await make_gate()
+    second.write(*(call_line(rid=f"two{i}") for i in range(10)))
+    await second.wait_records(30)
+    await asyncio.sleep(0.2)
+    assert sorted(second.rids()) == sorted([f"one{i}" for i in range(20)] + [f"two{i}" for i in range(10)])
+
+
+async def test_lines_whose_records_never_reached_disk_are_recorded_after_a_restart(make_gate, tmp_path):
+    """The stats disk refuses writes until the sidecar stops: the calls stay in the spool, and the
+    next start records them."""
+    stats_folder = tmp_path / "stats"
+    stats_folder.write_text("not a folder")
+    first = await make_gate(stats_path=stats_folder / "stats.jsonl")
+    first.write(*(call_line(rid=f"held{i}") for i in range(25)))
+    await first.wait_ready(lambda c, b: b["spool_lines_read"] == 25)
+    await first.client.close()                       # the final flush fails too
+    assert not (first.spool / CHECKPOINT_NAME).exists()
+    stats_folder.unlink()
+    second = await make_gate(stats_path=stats_folder / "stats.jsonl")
+    await second.wait_records(25)
+    await asyncio.sleep(0.2)
+    assert sorted(second.rids()) == sorted(f"held{i}" for i in range(25))
+
+
+async def test_killed_between_a_flush_and_its_checkpoint_records_nothing_twice(make_gate):
+    """The lines after the last checkpoint come again at the next start; those whose records were
+    already flushed (past the checkpoint's mark of the stats file) are skipped."""
+    first = await make_gate()
+    first.write(*(call_line(rid=f"a{i}") for i in range(10)))
+    await first.wait_records(10)
+    checkpoint = first.spool / CHECKPOINT_NAME
+    assert await wait_for(lambda: checkpoint.exists() and STATS_MARK in json.loads(checkpoint.read_text()))
+    old = checkpoint.read_bytes()
+    first.write(*(call_line(rid=f"b{i}") for i in range(15)))
+    await first.wait_records(25)
+    await first.client.close()
+    checkpoint.write_bytes(old)                      # as if killed before the second checkpoint
+    second = await make_gate()
+    second.write(*(call_line(rid=f"c{i}") for i in range(5)))
+    await second.wait_records(30)
+    await asyncio.sleep(0.2)
+    assert sorted(second.rids()) == sorted([f"a{i}" for i in range(10)] + [f"b{i}" for i in range(15)]
+                                           + [f"c{i}" for i in range(5)])
+
+
+async def test_graceful_shutdown_writes_every_line_read(make_gate):
+    gate = await make_gate(LMGATE_STATS__FLUSH_INTERVAL_SECONDS="3600")
+    n = 300
+    gate.write(*(call_line(rid=f"q{i}") for i in range(n)))
+    await gate.wait_ready(lambda c, b: b["spool_lines_read"] == n)
+    assert gate.records() == []           # nothing flushed yet: the interval is an hour
+    await gate.client.close()             # runs the app's cleanup: read the spool, flush the writer
+    assert sorted(gate.rids()) == sorted(f"q{i}" for i in range(n))
+    [(name, (_, offset))] = spool_checkpoint(gate.spool).items()
+    assert offset == (gate.spool / name).stat().st_size
+    stats = gate.stats.stat()
+    assert json.loads((gate.spool / CHECKPOINT_NAME).read_text())[STATS_MARK] == [stats.st_ino, stats.st_size]
+
+
+async def test_shutdown_reads_the_lines_the_reader_has_not_reached(make_gate, monkeypatch):
+    async def stalled_reader(app):       # the reader is behind: nothing has been read
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(lmgate.app, "_read_spool", stalled_reader)
+    gate = await make_gate(LMGATE_STATS__FLUSH_INTERVAL_SECONDS="3600")
+    gate.write(*(call_line(rid=f"d{i}") for i in range(50)))
+    _, ready = await gate.readyz()
+    assert ready["spool_lines_read"] == 0 and ready["spool_backlog_bytes"] > 0
+    await gate.client.close()
+    assert sorted(gate.rids()) == sorted(f"d{i}" for i in range(50))
+
+
+async def test_a_backlog_file_is_recorded_whole_when_a_flush_comes_between_two_batches(make_gate, monkeypatch):
+    """After downtime the spool holds finished files; the reader takes them 128 lines at a time and
+    the writer flushes in between. Every line must still be recorded."""
+    async def one_batch_then_behind(app):
+        while not app[SPOOL].read(lmgate.app.BATCH):
+            await asyncio.sleep(0.01)
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(lmgate.app, "_read_spool", one_batch_then_behind)
+    n = 3 * lmgate.app.BATCH
+    gate = await make_gate()
+    path = gate.write(*(call_line(rid=f"late{i}") for i in range(n)), slot_start=slot() - OLD)
+    records = await gate.wait_records(lmgate.app.BATCH)
+    assert len(records) == lmgate.app.BATCH
+    await asyncio.sleep(0.2)                         # several flushes, each followed by a commit
+    await gate.client.close()                        # shutdown reads the rest of the spool
+    recorded = len(set(gate.rids()))
+    assert recorded == n, f"{n - recorded} of {n} lines lost (file deleted: {not path.exists()})"
+
+
+# ---------------------------------------------------------------- /livez, /readyz, hot reload
+
+async def test_livez(make_gate):
+    gate = await make_gate()
+    resp = await gate.client.get("/livez")
+    assert resp.status == 200 and await resp.text() == "ok\n"
+
+
+async def test_readyz_ready(make_gate):
+    gate = await make_gate()
+    resp = await gate.client.get("/readyz")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["ready"] is True and body["problems"] == []
+    assert body["allowlist_keys"] == 3
+    assert (body["spool_lines_read"], body["spool_bad_lines"], body["spool_backlog_bytes"]) == (0, 0, 0)
+
+
 async def test_readyz_503_while_allowlist_edit_is_bad_old_list_serves(make_gate):
     gate = await make_gate()
     write_allowlist(gate.allowlist, allowlist_text(("alice", KEY_ALICE, "A"), ("alice", KEY_BOB, "B")), 5)
@@ -358,8 +624,6 @@ async def test_readyz_503_while_allowlist_edit_is_bad_old_list_serves(make_gate)
     resp, _ = await gate.auth({"x-api-key": KEY_BOB})
     assert resp.status == 200 and resp.headers["X-LMGate-ID"] == "bob"   # previous list in force
 
-
-# ---------------------------------------------------------------- hot reload
 
 async def test_hot_reload_through_check(make_gate):
     gate = await make_gate()
@@ -403,140 +667,3 @@ async def test_bad_edit_then_good_edit_through_the_app(make_gate):
     assert (await gate.client.get("/readyz")).status == 200
     resp, _ = await gate.auth({"x-api-key": KEY_BOB})
     assert resp.status == 403
-
-
-# ---------------------------------------------------------------- shutdown
-
-async def test_graceful_shutdown_writes_every_queued_report(make_gate):
-    gate = await make_gate(LMGATE_STATS__FLUSH_INTERVAL_SECONDS="3600")
-    n = 300
-    statuses = await asyncio.gather(*(gate.post_stats(report_query(rid=f"q{i}")) for i in range(n)))
-    assert statuses == [204] * n
-    assert gate.records() == []           # nothing flushed yet: the interval is an hour
-    await gate.client.close()             # runs the app's cleanup: drain the queue, flush the writer
-    records = gate.records()
-    assert len(records) == n
-    assert sorted(r["request_id"] for r in records) == sorted(f"q{i}" for i in range(n))
-
-
-async def test_shutdown_drains_reports_the_worker_has_not_reached(make_gate, monkeypatch):
-    import lmgate.app
-
-    async def stalled_worker(app):       # the worker is behind: everything is still queued
-        await asyncio.Event().wait()
-
-    monkeypatch.setattr(lmgate.app, "_work", stalled_worker)
-    gate = await make_gate(LMGATE_STATS__FLUSH_INTERVAL_SECONDS="3600")
-    for i in range(50):
-        assert await gate.post_stats(report_query(rid=f"d{i}")) == 204
-    ready = await (await gate.client.get("/readyz")).json()
-    assert ready["stats_buffered"] == 0
-    await gate.client.close()
-    assert sorted(r["request_id"] for r in gate.records()) == sorted(f"d{i}" for i in range(50))
-
-
-# ---------------------------------------------------------------- hostile reports
-
-HOSTILE_QUERIES = [
-    "", "&&&", "=", "s=abc&n=-5&h=99999999999&t=x&ts=y", "p=../../etc&u=%ZZ%", "u=%00%ff%fe&ct=%",
-    "s=99999999999999999999999&n=1e9", "h=-1&n=5", "id=%E2%28%A1&own=%C0%AF",
-    "p=google&u=%2Fgoogle%2Fmodels%2F%3A%3A&s=200", "a" * 4000, "rid=" + "%" * 1000,
-    "t=nan&ts=nan", "t=inf&s=200", "ts=1e300", "ts=-1e300&t=1e308",
-]
-
-
-async def test_hostile_reports_never_5xx_and_worker_survives(make_gate, caplog):
-    gate = await make_gate()
-    bodies = [b"", b"\x00" * 100, bytes(range(256)) * 8, b"{" * 3000, b"data: {\n\n" * 200, b"[" * 5000]
-    with caplog.at_level(logging.ERROR):
-        for q in HOSTILE_QUERIES:
-            for body in bodies:
-                status = await gate.post_stats(q, body)
-                assert status == 204, (q[:50], body[:20])
-        assert await gate.post_stats(report_query(rid="after-hostile")) == 204
-        records = await wait_for_rid(gate, "after-hostile")
-    assert "after-hostile" in [r["request_id"] for r in records]
-    assert (await gate.client.get("/livez")).status == 200
-
-
-async def test_worker_survives_a_report_that_cannot_be_read(make_gate, monkeypatch, caplog):
-    import lmgate.records
-    real = lmgate.records.from_capture
-
-    def flaky(query, body, received_at):
-        if "rid=boom" in query:
-            raise RuntimeError("unreadable report")
-        return real(query, body, received_at)
-
-    monkeypatch.setattr(lmgate.records, "from_capture", flaky)
-    gate = await make_gate()
-    with caplog.at_level(logging.ERROR, logger="lmgate.sidecar"):
-        for i in range(3):
-            assert await gate.post_stats(report_query(rid="boom")) == 204
-            assert await gate.post_stats(report_query(rid=f"good{i}")) == 204
-        records = await gate.wait_records(3)
-    assert sorted(r["request_id"] for r in records) == ["good0", "good1", "good2"]
-    assert sum("could not turn" in r.getMessage() for r in caplog.records) == 3
-
-
-async def wait_for_rid(gate: Gate, rid: str) -> list[dict]:
-    await wait_for(lambda: any(r["request_id"] == rid for r in gate.records()))
-    return gate.records()
-
-
-async def test_oversize_report_is_413_and_gate_keeps_working(make_gate):
-    gate = await make_gate()
-    limit = HEAD_BYTES + TAIL_BYTES + 4096
-    status = await gate.post_stats(report_query(rid="too-big"), b"x" * (limit + 1))
-    assert status == 413
-    assert await gate.post_stats(report_query(rid="just-fits"), OPENAI_BODY + b" " * (limit - len(OPENAI_BODY))) == 204
-    assert await gate.post_stats(report_query(rid="normal")) == 204
-    records = await wait_for_rid(gate, "normal")
-    rids = [r["request_id"] for r in records]
-    assert "too-big" not in rids and "just-fits" in rids
-
-
-async def test_raw_bytes_in_request_line_never_5xx(make_gate):
-    gate = await make_gate()
-    for target in (b"/stats?\xff\xfe\x00=1", b"/stats?%%%%", b"/stats?u=\xc3\x28&s=\xe2\x82",
-                   b"/stats?" + b"k=v&" * 1000):
-        reader, writer = await asyncio.open_connection(gate.client.host, gate.client.port)
-        writer.write(b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
-                     b"Connection: close\r\n\r\nabc")
-        await writer.drain()
-        line = await reader.readline()
-        writer.close()
-        parts = line.split()
-        assert parts and parts[0].startswith(b"HTTP/1."), line
-        assert not parts[1].startswith(b"5"), line
-    assert await gate.post_stats(report_query(rid="after-raw")) == 204
-    await wait_for_rid(gate, "after-raw")
-
-
-query_text = st.one_of(
-    st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="#"), max_size=200),
-    st.lists(st.tuples(st.sampled_from(["rid", "id", "own", "mk", "p", "m", "u", "s", "ct", "t", "ts", "h", "n",
-                                        "x", ""]),
-                       st.text(max_size=30).map(lambda s: quote(s, safe=""))), max_size=14)
-    .map(lambda kv: "&".join(f"{k}={v}" for k, v in kv)),
-)
-
-
-async def test_hypothesis_queries_never_5xx(make_gate):
-    gate = await make_gate()
-    drawn: list[tuple[str, bytes]] = []
-
-    @hsettings(max_examples=150, deadline=None, database=None)
-    @given(query_text, st.binary(max_size=300))
-    def draw(q, body):
-        drawn.append((q, body))
-
-    draw()
-    for q, body in drawn:
-        status = await gate.post_stats(q, body)
-        assert status == 204, q
-    assert await gate.post_stats(report_query(rid="after-fuzz")) == 204
-    records = await wait_for_rid(gate, "after-fuzz")
-    assert any(r["request_id"] == "after-fuzz" for r in records)
-    resp = await gate.client.get("/readyz")
-    assert resp.status == 200

@@ -55,12 +55,13 @@ def test_shipped_config_loads_with_documented_defaults():
     assert isinstance(s, Settings)
     assert s.source == SHIPPED
     assert s.proxy.port == 8080 and type(s.proxy.port) is int
-    assert s.server.port == 8081 and s.server.fallback_port == 8082
+    assert s.server.port == 8081
     assert s.proxy.upstream_connect_timeout_seconds == 10.0
     assert type(s.proxy.upstream_read_timeout_seconds) is float
     assert s.auth.allowlist_path == Path("data/allowlist.csv")
     assert s.stats.output_path == Path("data/stats.jsonl")
     assert s.stats.rotate_bytes == 100_000_000
+    assert s.stats.spool_dir == Path("data/spool")
     assert set(s.providers) == set(PROVIDERS)
     assert s.providers["openai"].upstream == "https://api.openai.com"
     assert s.providers["gemini"].upstream == "https://generativelanguage.googleapis.com"
@@ -166,7 +167,7 @@ def test_int_where_float_expected_becomes_float(write_config):
 
 # ---------------------------------------------------------------- values
 
-@pytest.mark.parametrize("key", ["proxy.port", "server.port", "server.fallback_port"])
+@pytest.mark.parametrize("key", ["proxy.port", "server.port"])
 @pytest.mark.parametrize("port", [0, -1, 65536, 100000])
 def test_port_out_of_range(write_config, key, port):
     section, name = key.split(".")
@@ -179,7 +180,7 @@ def test_port_limits_accepted(write_config, port):
     assert load_settings(write_config(lambda r: r["proxy"].update(port=port)), environ={}).proxy.port == port
 
 
-@pytest.mark.parametrize("key", ["stats.rotate_bytes", "stats.flush_interval_seconds", "stats.queue_size",
+@pytest.mark.parametrize("key", ["stats.rotate_bytes", "stats.flush_interval_seconds",
                                  "auth.poll_interval_seconds", "server.auth_timeout_ms",
                                  "stats.capture_head_bytes", "proxy.upstream_read_timeout_seconds"])
 @pytest.mark.parametrize("value", [0, -5])
@@ -248,9 +249,39 @@ def test_env_path_and_string_keys():
 
 
 def test_env_overrides_file_value(write_config):
-    config = write_config(lambda r: r["stats"].update(queue_size=7))
-    assert load_settings(config, environ={}).stats.queue_size == 7
-    assert load_settings(config, environ={"LMGATE_STATS__QUEUE_SIZE": "9"}).stats.queue_size == 9
+    config = write_config(lambda r: r["stats"].update(capture_tail_bytes=7))
+    assert load_settings(config, environ={}).stats.capture_tail_bytes == 7
+    assert load_settings(config, environ={"LMGATE_STATS__CAPTURE_TAIL_BYTES": "9"}).stats.capture_tail_bytes == 9
+
+
+def test_env_spool_dir():
+    s = load_settings(SHIPPED, environ={"LMGATE_STATS__SPOOL_DIR": "/var/spool/lmgate"})
+    assert s.stats.spool_dir == Path("/var/spool/lmgate")
+    assert load_settings(SHIPPED, environ={}).stats.spool_dir == Path("data/spool")
+
+
+def test_spool_dir_in_file(write_config):
+    s = load_settings(write_config(lambda r: r["stats"].update(spool_dir="/srv/spool")), environ={})
+    assert s.stats.spool_dir == Path("/srv/spool")
+
+
+@pytest.mark.parametrize("value", ["", 5, None])
+def test_spool_dir_must_be_a_path(write_config, value):
+    message = _error(write_config(lambda r: r["stats"].update(spool_dir=value)))
+    assert "stats.spool_dir must be a non-empty path" in message
+
+
+def test_empty_spool_dir_from_env_is_rejected():
+    message = _error(SHIPPED, {"LMGATE_STATS__SPOOL_DIR": ""})
+    assert "stats.spool_dir must be a non-empty path" in message
+
+
+@pytest.mark.parametrize("name", ["LMGATE_SERVER__FALLBACK_PORT", "LMGATE_SERVER__STATS_PORT",
+                                  "LMGATE_STATS__QUEUE_SIZE"])
+def test_removed_keys_are_unknown(name):
+    """The settings of the old /stats and syslog transport are gone: setting one is an error."""
+    message = _error(SHIPPED, {name: "8082"})
+    assert name in message and "unknown config key" in message
 
 
 @pytest.mark.parametrize("name,value,key", [

@@ -123,6 +123,27 @@ def test_lines_are_compact_utf8_json(tmp_path):
     assert json.loads(raw) == {"owner": "Zoë 😀", "note": "line\nbreak", "n": None}
 
 
+@pytest.mark.parametrize("value", ["gpt-\ud800", "\udcff tail"], ids=["high", "low"])
+def test_lone_surrogate_is_escaped_and_the_next_records_follow(tmp_path, value):
+    """A malformed body can leave a lone surrogate in a model name: still one strict JSON line."""
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, 10)
+    w.add(rec(1, model=value))
+    w.add(rec(2))
+    assert w.flush() is True
+    raw = path.read_bytes()
+    raw.decode("utf-8")                                   # valid UTF-8 throughout
+    assert lines(path) == [rec(1, model=value), rec(2)]
+
+
+def test_integer_past_64_bits_is_written(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, 10)
+    w.add(rec(1, status=10**30))
+    assert w.flush() is True
+    assert lines(path) == [rec(1, status=10**30)]
+
+
 def test_creates_missing_folder(tmp_path):
     path = tmp_path / "a" / "b" / "stats.jsonl"
     w = StatsWriter(path, 10**9, 10)
@@ -342,6 +363,69 @@ def test_buffer_is_bounded_while_disk_refuses(tmp_path, monkeypatch):
     blocker.unlink()
     assert w.flush() is True
     assert lines(path) == [rec(i) for i in range(3, 8)]   # the oldest were dropped
+
+
+# ---------------------------------------------------------------- on_flushed (the spool's commit)
+
+def test_on_flushed_runs_after_each_successful_flush_empty_ones_too(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, 10)
+    seen = []
+    w.on_flushed = lambda: seen.append((w.buffered, len(lines(path)) if path.exists() else 0))
+    w.add(rec(1))
+    w.add(rec(2))
+    assert w.flush() is True
+    assert seen == [(0, 2)]                               # after the records are on disk
+    assert w.flush() is True                              # nothing buffered: everything added is on disk
+    assert seen == [(0, 2), (0, 2)]
+
+
+def test_on_flushed_does_not_run_after_a_failed_flush(tmp_path, fake_os):
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, 60)
+    calls = []
+    w.on_flushed = lambda: calls.append(w.written)
+    w.add(rec(1))
+    fake_os.fail = OSError(errno.ENOSPC, "No space left on device")
+    assert w.flush() is False
+    assert w.flush() is False
+    assert calls == []
+    fake_os.fail = None
+    assert w.flush() is True
+    assert calls == [1]
+
+
+def test_on_flushed_does_not_run_when_the_folder_cannot_be_made(tmp_path):
+    blocker = tmp_path / "data"
+    blocker.write_text("")
+    w = StatsWriter(blocker / "stats.jsonl", 10**9, 60)
+    calls = []
+    w.on_flushed = lambda: calls.append(1)
+    w.add(rec(1))
+    assert w.flush() is False
+    assert calls == []
+
+
+def test_on_flushed_unset_is_fine(tmp_path):
+    w = StatsWriter(tmp_path / "stats.jsonl", 10**9, 10)
+    assert w.on_flushed is None
+    w.add(rec(1))
+    assert w.flush() is True and w.flush() is True
+
+
+async def test_flush_forever_calls_on_flushed(tmp_path):
+    w = StatsWriter(tmp_path / "stats.jsonl", 10**9, flush_interval=0.01)
+    calls = []
+    w.on_flushed = lambda: calls.append(1)
+    task = asyncio.create_task(w.flush_forever())
+    try:
+        for _ in range(200):
+            if len(calls) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(calls) >= 3
+    finally:
+        task.cancel()
 
 
 # ---------------------------------------------------------------- background flusher
