@@ -140,42 +140,50 @@ def _cut_usage(meta: dict[str, str], api: str, provider_path: str, status: int, 
     return Usage(model=model, stream=stream), False
 
 
-# The fields of the spool line that are read (nginx writes each as a string).
-_FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err", "ct", "n", "body")
+# The metadata fields of the spool line that are read (nginx writes each as a string).
+_FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err", "ct", "n")
 
 
-def _load_line(line: bytes) -> dict[str, str]:
+def _load_line(line: bytes) -> tuple[dict[str, str], bytes]:
+    """The metadata (JSON) and the capture of a spool line (they are separated by a tab)."""
+    text, tab, body = line.rpartition(b"\t")
+    if not tab:  # no capture at all
+        text, body = line, b""
     try:
-        meta = orjson.loads(line)
+        meta = orjson.loads(text)
     except orjson.JSONDecodeError:
         # A client can put any byte in the path nginx logs; keep the rest of the line readable.
-        meta = orjson.loads(line.decode("utf-8", "replace"))
+        meta = orjson.loads(text.decode("utf-8", "replace"))
     if not isinstance(meta, dict):
         raise ValueError("not a JSON object")
     for name in _FIELDS:
         if type(meta.get(name, "")) is not str:
             raise ValueError(f"{name} is not a string: not a line nginx wrote")
-    return meta
+    return meta, body
 
 
-def _body(meta: dict[str, str]) -> tuple[int, str, bytes, bytes | None]:
+def _body(meta: dict[str, str], body: bytes) -> tuple[int, str, bytes, bytes | None]:
     """The body filter's capture: (body bytes, flags, head, tail or None), see nginx/lmgate.js.
     No capture (nginx's own answers, header-only ones): nginx's byte count and an empty head."""
-    parts = meta.get("body", "").split(":")
-    if len(parts) != 4:
-        return _int(meta.get("n")), "", b"", None
-    size, flags, head, tail = parts
     try:
-        return (_int(size), flags, pybase64.b64decode(head, validate=True),
-                pybase64.b64decode(tail, validate=True) if "g" in flags else None)
+        i = body.index(b":")
+        j = body.index(b":", i + 1)
+        k = body.index(b":", j + 1)
+    except ValueError:
+        return _int(meta.get("n")), "", b"", None
+    size, flags = _int(body[:i].decode("ascii", "replace")), body[i + 1:j].decode("ascii", "replace")
+    view = memoryview(body)  # decoded in place: no copy of a long capture
+    try:
+        return (size, flags, pybase64.b64decode(view[j + 1:k], validate=True),
+                pybase64.b64decode(view[k + 1:], validate=True) if "g" in flags else None)
     except ValueError:  # not what nginx writes: count the bytes, read no usage
-        return _int(size), flags, b"", None
+        return size, flags, b"", None
 
 
 def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
     """The record for one call, from its spool line (nginx's access log, see
     nginx/nginx.conf.template). Raises ValueError for a line that is not one."""
-    meta = _load_line(line)
+    meta, body = _load_line(line)
     # The sidecar's header values, percent-encoded, as nginx logged them.
     for name in ("id", "own", "mk"):
         if "%" in meta.get(name, ""):
@@ -184,7 +192,7 @@ def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
     provider_path = _provider_path(meta.get("u", "").split("?", 1)[0], provider)
     api = _api_for(provider, provider_path)
     status = _int(meta.get("s"))
-    response_bytes, flags, head, tail = _body(meta)
+    response_bytes, flags, head, tail = _body(meta, body)
     nginx_error = meta.get("err") or None
     if nginx_error not in NGINX_ERRORS:
         nginx_error = None

@@ -163,12 +163,12 @@ def test_recorded_spool_files_are_deleted(own_gate, mock_upstream):
 def test_the_spool_holds_no_key_and_only_its_owner_can_open_it(own_gate, mock_upstream):
     g = own_gate()
     mock_upstream.reply("/v1/spool/keys", body=json.dumps(CHAT).encode())
-    mock_upstream.reply("/v1beta/models/gemini-2.0-flash:generateContent", body=b'{"candidates":[]}')
+    mock_upstream.reply("/v1beta/models/lmgate-spool-test:generateContent", body=b'{"candidates":[]}')
     with httpx.Client() as client:
         for key in (ALICE_KEY, BOB_KEY, UNLISTED_KEY):
             client.post(g.base("openai") + "/v1/spool/keys", headers=bearer(key), content=b"{}")
             client.post(g.base("anthropic") + "/v1/spool/keys", headers={"x-api-key": key}, content=b"{}")
-            client.post(g.base("gemini") + f"/v1beta/models/gemini-2.0-flash:generateContent?key={key}",
+            client.post(g.base("gemini") + f"/v1beta/models/lmgate-spool-test:generateContent?key={key}",
                         content=b"{}")
     g.new_records(0, 9)
     text = b"".join((g.spool / n).read_bytes() for n in spool_files(g))

@@ -260,14 +260,18 @@ field_value = st.one_of(
                      "5:g:e30=:e30=", "5:x:e30=:", "1:gx::", "::::", "9" * 5000]),
 )
 # Any field nginx writes, or one it does not, set to any text (nginx writes every value as a string).
-fields_strategy = st.dictionaries(st.sampled_from(FIELDS + ("x", "bf", "bh")), field_value, max_size=10)
+fields_strategy = st.dictionaries(st.sampled_from(FIELDS + ("body", "x", "bf", "bh")), field_value, max_size=10)
 
 
 def nginx_like_line(body: bytes, fields: dict[str, str], last: bool, done: bool) -> bytes:
     """A line as nginx would write it for `body`, with some fields set to other text."""
-    meta = json.loads(spool_line(body, head_max=HEAD_BYTES, tail_max=TAIL_BYTES, last=last, done=done))
+    text, tab, capture_text = spool_line(body, head_max=HEAD_BYTES, tail_max=TAIL_BYTES, last=last,
+                                         done=done).rpartition(b"\t")
+    meta = json.loads(text)
+    if "body" in fields:  # other text after the tab (never a line break: nginx writes base64 there)
+        capture_text = fields.pop("body").replace("\n", "").encode()
     meta.update(fields)
-    return json.dumps(meta, ensure_ascii=False).encode()
+    return json.dumps(meta, ensure_ascii=False).encode() + tab + capture_text
 
 
 async def test_every_line_nginx_could_write_becomes_exactly_one_strict_record(sidecar):

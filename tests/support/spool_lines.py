@@ -13,8 +13,9 @@ from urllib.parse import quote
 
 from lmgate.spool import SLOT_SECONDS
 
-# The fields of the log format, in its order.
-FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err", "ct", "n", "body")
+# The metadata fields of the log format, in its order (the JSON before the tab; the capture
+# follows the tab).
+FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err", "ct", "n")
 # What nginx.conf.template's map sends to the escaped format: a control character, '"' or '\'
 # in the path or the content type.
 _NEEDS_ESCAPE = re.compile(rb'[\x00-\x1f"\\]')
@@ -62,7 +63,7 @@ def capture(body: bytes, head_max: int = 16384, tail_max: int = 65536, last: boo
 
 def body_flags(line: bytes) -> str:
     """The capture flags a spool line carries ("" without a capture)."""
-    text = json.loads(line)["body"]
+    text = line.rpartition(b"\t")[2].decode()
     return text.split(":")[1] if text else ""
 
 
@@ -75,7 +76,8 @@ def spool_line(body: bytes = b"", *, rid: str = "0123abcd", id: str = "alice", o
     """One spool line (no newline) for a call, filled in as nginx's log format does: every value a
     string, id/own/mk percent-encoded by the sidecar, done "OK" or "", the capture of `body`.
     `n` is nginx's $body_bytes_sent (default: the body's length). `fields` sets any field to
-    exactly the given text (for values nginx would never write)."""
+    exactly the given text (for values nginx would never write); its "body" is the capture, the
+    part after the tab."""
     values: dict[str, str | bytes] = {
         "rid": rid, "id": sidecar_encoded(id), "own": sidecar_encoded(own), "mk": sidecar_encoded(mk),
         "p": p, "m": m, "u": u, "s": str(s), "done": "OK" if done else "", "t": t, "ts": ts, "err": err,
@@ -88,7 +90,7 @@ def spool_line(body: bytes = b"", *, rid: str = "0123abcd", id: str = "alice", o
     for name in FIELDS:
         value = json_escaped(raw[name]) if escape else raw[name]
         parts.append(b'"' + name.encode() + b'":"' + value + b'"')
-    return b"{" + b",".join(parts) + b"}"
+    return b"{" + b",".join(parts) + b"}\t" + raw["body"]
 
 
 # ---------------------------------------------------------------- spool files
