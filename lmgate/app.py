@@ -33,7 +33,7 @@ ALLOWLIST = web.AppKey("allowlist", AllowListHolder)
 WRITER = web.AppKey("writer", StatsWriter)
 
 # Spool lines turned into records before the loop serves anything else (a few milliseconds).
-BATCH = 32
+BATCH = 128
 # Seconds between looks at the spool when there is nothing new.
 SPOOL_POLL_SECONDS = 0.05
 # Records held for the stats file past which the spool is left unread (the disk refuses writes):
@@ -128,8 +128,6 @@ async def _read_spool(app: web.Application) -> None:
         except Exception:  # the reader must outlive any surprise; the lines stay in the spool
             log.exception("spool: reading failed")
             done = 0
-        if done:
-            os.sched_yield()
         await asyncio.sleep(0 if done else SPOOL_POLL_SECONDS)
 
 
