@@ -147,6 +147,11 @@ def _auth_cache(settings: Settings) -> str:
         "            proxy_no_cache $lmgate_auth_nocache;",
         "            proxy_cache_bypass $lmgate_auth_nocache;",
         f"            proxy_cache_valid 200 {settings.auth.cache_seconds}s;",
+        "            # A hit reads the cached answer's file: keep its descriptor open instead of",
+        "            # opening it on every call. An entry's expiry is in the file's header, so a kept",
+        "            # descriptor never stretches a \"yes\" past auth.cache_seconds.",
+        "            open_file_cache max=4096 inactive=10s;",
+        "            open_file_cache_valid 1s;",
         "            proxy_ignore_headers Cache-Control Expires Set-Cookie Vary X-Accel-Expires;",
     ])
 
