@@ -1,8 +1,8 @@
 """The spool: nginx's access-log lines, one per call, read back by the sidecar.
 
 nginx appends one JSON line per call (lmgate/records.py reads it) to
-`<spool_dir>/calls-<slot>.jsonl`, where the slot is the call's end time rounded down to 10 seconds,
-so nginx moves to a new file every 10 seconds without being told. The sidecar reads every file from
+`<spool_dir>/calls-<slot>.jsonl`, where the slot is the second the call ended in, so nginx moves
+to a new file every second without being told. The sidecar reads every file from
 where it left off, hands each complete line to `on_line`, and after each flush of the stats file
 saves how far it got (`.checkpoint.json`) and deletes the files it has finished. Lines are only
 deleted once their records are on disk, so a sidecar that stops, crashes or falls behind loses
@@ -25,7 +25,12 @@ log = logging.getLogger("lmgate.spool")
 
 SPOOL_PREFIX = "calls-"
 SPOOL_SUFFIX = ".jsonl"
-SLOT_SECONDS = 10   # nginx.conf.template's $lmgate_spool_slot: $msec without its last digit
+SLOT_SECONDS = 1    # nginx.conf.template's $lmgate_spool_slot: $msec without its fraction
+# A slot's file is finished this long after the slot began: nginx writes to it only during its
+# second (its clock may lag by an event loop's turn). Short, so that spool files are deleted
+# before the kernel writes them out to disk: at 100 MB/s of captures, 10-second slots let dirty
+# pages pile up to the writeback threshold and nginx's writes stalled for up to 200 ms.
+DONE_AFTER_SECONDS = SLOT_SECONDS + 2
 CHECKPOINT_NAME = ".checkpoint.json"
 STATS_MARK = "stats"  # the checkpoint's entry for the stats file; never a spool file's name
 READ_BYTES = 1 << 20
@@ -173,10 +178,9 @@ class SpoolReader:
             self.stats_mark = stats_mark
         for name, f in list(self.files.items()):
             slot = slot_of(name) or 0
-            # nginx writes to a slot's file only during its 10 seconds (plus a last line or two
-            # while its clock catches up): a file two slots old that is read to its end is done.
+            # A finished slot's file that is read to its end is done.
             # Done means read to the end, and nothing but a torn last line left unhanded.
-            if (slot + 2 * SLOT_SECONDS <= now and b"\n" not in f.data
+            if (slot + DONE_AFTER_SECONDS <= now and b"\n" not in f.data
                     and f.offset + len(f.data) >= self._size(f)):
                 if f.data:
                     self.bad_lines += 1

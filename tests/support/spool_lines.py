@@ -96,7 +96,7 @@ def spool_line(body: bytes = b"", *, rid: str = "0123abcd", id: str = "alice", o
 # ---------------------------------------------------------------- spool files
 
 def slot(when: float | None = None) -> int:
-    """The 10-second slot of a moment, as nginx names the file it writes then."""
+    """The slot (second) of a moment, as nginx names the file it writes then."""
     return int(time.time() if when is None else when) // SLOT_SECONDS * SLOT_SECONDS
 
 

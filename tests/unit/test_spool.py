@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lmgate.spool as spool_mod
-from lmgate.spool import CHECKPOINT_NAME, SLOT_SECONDS, STATS_MARK, SpoolReader, slot_of
+from lmgate.spool import CHECKPOINT_NAME, DONE_AFTER_SECONDS, SLOT_SECONDS, STATS_MARK, SpoolReader, slot_of
 from tests.support.spool_lines import append, spool_file
 
 pytestmark = pytest.mark.unit
 
 SLOT = 1_700_000_000          # a slot start (a multiple of 10 seconds)
-OLD_ENOUGH = 2 * SLOT_SECONDS  # commit deletes a file read to its end this long after its slot began
+OLD_ENOUGH = DONE_AFTER_SECONDS  # commit deletes a file read to its end this long after its slot began
 KEY = "sk-lmgate-test-spool-0123456789abcdef"
 
 
@@ -193,7 +193,7 @@ def test_commit_saves_the_checkpoint_and_a_new_reader_resumes_after_it(folder):
     append(b, lines("b1"))
     r1 = Reader(folder)
     r1.read_all()
-    r1.spool.commit(now=SLOT + 15)                       # too recent to delete anything
+    r1.spool.commit(now=SLOT + OLD_ENOUGH - 1)           # too recent to delete anything
     assert checkpoint(folder) == {a.name: [a.stat().st_ino, 6], b.name: [b.stat().st_ino, 3]}
     r1.spool.close()
     append(a, lines("a3"))
@@ -492,8 +492,8 @@ def test_no_line_is_lost_and_only_uncommitted_lines_come_twice(tmp_path_factory,
 
     def commit() -> None:
         read(10 ** 6)
-        # now: the current slot has just begun, so files two slots back are finished.
-        reader.spool.commit(now=slot + 5)
+        # now: the current slot has just begun, so only files of slots long over are finished.
+        reader.spool.commit(now=slot + SLOT_SECONDS / 2)
         since_commit.clear()
 
     for kind, arg in ops:
