@@ -41,6 +41,10 @@ SPOOL_POLL_SECONDS = 0.05
 MAX_PENDING_RECORDS = 100_000
 # Seconds a stopping sidecar keeps reading the spool before its final flush.
 SHUTDOWN_READ_SECONDS = 2.0
+# Kept as they are (besides letters, digits and "-._~") in the id and owner headers: nginx copies
+# them into the spool line unescaped, where these are harmless, and most owners are e-mail
+# addresses that then need no percent-decoding per record.
+HEADER_SAFE = "@+"
 # Header through which nginx hands the original request's URI (for the `key` parameter) to /auth.
 QUERY_HEADER = "X-LMGate-Query"
 
@@ -62,8 +66,8 @@ async def auth(request: web.Request) -> web.Response:
         return web.Response(status=403, headers={"X-LMGate-Key": masked,
                                                  "X-LMGate-Reason": "key not on the allow-list"})
     return web.Response(status=200, headers={
-        "X-LMGate-ID": quote(entry.id, safe=""),
-        "X-LMGate-Owner": quote(entry.owner, safe=""),
+        "X-LMGate-ID": quote(entry.id, safe=HEADER_SAFE),
+        "X-LMGate-Owner": quote(entry.owner, safe=HEADER_SAFE),
         "X-LMGate-Key": masked,
     })
 
@@ -139,6 +143,8 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         log.error("cannot create the spool folder %s: %s", s.spool_dir, exc.strerror or exc)
     writer = StatsWriter(s.output_path, s.rotate_bytes, s.flush_interval_seconds)
     app[WRITER] = writer
+    # The spool reader lives with the writer: its checkpoint follows the writer's flushes, the
+    # last one at shutdown included (spool_ctx only drives the reading).
     recorder = _Recorder(writer)
     spool = app[SPOOL] = SpoolReader(s.spool_dir, recorder, _max_spool_line(app[SETTINGS]))
     # Records written after the last checkpoint (the previous sidecar was killed between a flush

@@ -338,8 +338,8 @@ def extract_usage(api: str, path: str, status: int, content_type: str, head: byt
 def _extract(api: str, path: str, status: int, content_type: str, head: bytes,
              tail: bytes | None) -> Usage:
     path = path or ""
-    head = bytes(head or b"")
-    tail = None if tail is None else bytes(tail)
+    head = head if type(head) is bytes else bytes(head or b"")
+    tail = tail if tail is None or type(tail) is bytes else bytes(tail)
     stream = "text/event-stream" in (content_type or "").lower() or _verb(path) in _GOOGLE_STREAM
     # Claude on Vertex AI (rawPredict / streamRawPredict) answers in Anthropic's format.
     fmt = "anthropic" if "/publishers/anthropic/models/" in path else api

@@ -180,7 +180,7 @@ async def test_auth_allows_listed_key(make_gate, headers, query, who, owner, key
     assert resp.status == 200
     assert body == b""
     assert resp.headers["X-LMGate-ID"] == quote(who, safe="")
-    assert resp.headers["X-LMGate-Owner"] == quote(owner, safe="")
+    assert resp.headers["X-LMGate-Owner"] == quote(owner, safe="@+")
     assert resp.headers["X-LMGate-Key"] == quote("..." + key[-6:], safe="")
     assert key not in str(resp.headers)
     assert "X-LMGate-Reason" not in resp.headers

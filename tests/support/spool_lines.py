@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+from lmgate.app import HEADER_SAFE
 from lmgate.spool import SLOT_SECONDS
 
 # The metadata fields of the log format, in its order (the JSON before the tab; the capture
@@ -26,7 +27,7 @@ _SHORT_ESCAPES = {0x22: b'\\"', 0x5C: b"\\\\", 0x0A: b"\\n", 0x0D: b"\\r", 0x09:
 def sidecar_encoded(text: str) -> str:
     """How the sidecar percent-encodes id, owner and masked key in its /auth answer headers, which
     nginx logs as they are."""
-    return quote(text, safe="")
+    return quote(text, safe=HEADER_SAFE)
 
 
 def json_escaped(value: bytes) -> bytes:
