@@ -23,7 +23,7 @@ RUN LMGATE_VENV=/opt/lmgate/venv scripts/setup.sh \
     && python -m compileall -q /app/lmgate
 
 # Run as a fixed non-root user, uid/gid 10001. The host's ./data (allow-list in, stats out) must
-# be writable by the uid the container runs as: `sudo chown 10001:10001 data`, or run the
+# be writable by the uid the container runs as: `sudo chown -R 10001:10001 data`, or run the
 # services as your own uid with LMGATE_UID/LMGATE_GID in .env (docker-compose.yaml's `user:`).
 # The empty /app/data is only a mount point (a named volume mounted there starts owned by 10001);
 # it holds nothing that a bind mount would hide.
