@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate, wait_until
+from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate, bearer, wait_until
 from tests.support.hardening import alive, readyz
 
 pytestmark = pytest.mark.e2e
@@ -26,10 +26,6 @@ pytestmark = pytest.mark.e2e
 CHAT = {"id": "chatcmpl-s", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def spool_files(g: Gate) -> list[str]:
