@@ -178,8 +178,8 @@ class SpoolReader:
             self.stats_mark = stats_mark
         for name, f in list(self.files.items()):
             slot = slot_of(name) or 0
-            # A finished slot's file that is read to its end is done.
-            # Done means read to the end, and nothing but a torn last line left unhanded.
+            # Done: its second is over, it is read to its end, and nothing is left unhanded but
+            # a torn last line (nginx died in the middle of a write).
             if (slot + DONE_AFTER_SECONDS <= now and b"\n" not in f.data
                     and f.offset + len(f.data) >= self._size(f)):
                 if f.data:
