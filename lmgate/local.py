@@ -8,6 +8,7 @@ and its sidecar service runs `lmgate serve`.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +41,9 @@ def _pump(stream, prefix: str) -> None:
     for raw in iter(stream.readline, b""):
         sys.stderr.write(prefix + redact(raw.decode("utf-8", "replace")))
         sys.stderr.flush()
+
+
+_EMERG = re.compile(r"\[emerg\] \d+#\d+: (.*)")
 
 
 class NginxProcess:
@@ -84,8 +88,10 @@ class NginxProcess:
     def check(self) -> None:
         result = subprocess.run(self._cmd("-t", "-q"), capture_output=True, text=True)
         if result.returncode != 0:
-            detail = redact(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "")
-            raise StartError(f"nginx rejected the rendered config {self.conf}: {detail}")
+            lines = result.stderr.strip().splitlines() or [""]
+            # nginx's reason is its [emerg] line; its last line only says "test failed".
+            reason = next((m.group(1) for m in map(_EMERG.search, lines) if m), lines[-1])
+            raise StartError(f"nginx rejected the rendered config {self.conf}: {redact(reason)}")
 
     def start(self) -> None:
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops nginx
