@@ -18,8 +18,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lmgate.providers import PROVIDERS, error_body
-from lmgate.spool import SPOOL_PREFIX, SPOOL_SUFFIX
 from lmgate.settings import Settings
+from lmgate.spool import SPOOL_PREFIX, SPOOL_SUFFIX
 
 NGINX_DIR = Path(__file__).resolve().parent.parent / "nginx"
 # nginx's njs module, where Debian, the nginx.org packages and source builds put it.
