@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate, bearer, wait_until
+from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate, bearer, http_ok, wait_until
 from tests.support.hardening import alive, readyz
 
 pytestmark = pytest.mark.e2e
@@ -38,17 +38,9 @@ def call(g: Gate, path: str, key: str, n: int = 1) -> list[int]:
                 for _ in range(n)]
 
 
-def _get_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_calls_refused_while_the_sidecar_is_down_are_recorded_once_it_is_back(mock_upstream, tmp_path):
     mock_upstream.reply("/v1/spool/outage", body=json.dumps(CHAT).encode())
     g = Gate(tmp_path, mock_upstream.url)
-    g._healthy = lambda: _get_ok(g.url + "/healthz")
     g.start(command="nginx")  # nginx alone: the sidecar is down
     sidecar = None
     try:
@@ -100,12 +92,11 @@ def _serve(g: Gate, log_name: str) -> subprocess.Popen:
 def test_a_sidecar_killed_between_a_flush_and_its_checkpoint_records_nothing_twice(mock_upstream, tmp_path):
     mock_upstream.reply("/v1/spool/window", body=json.dumps(CHAT).encode())
     g = Gate(tmp_path, mock_upstream.url)
-    g._healthy = lambda: _get_ok(g.url + "/healthz")
     g.start(command="nginx")
     checkpoint = g.spool / ".checkpoint.json"
     sidecars = [_serve(g, "sidecar1.log")]
     try:
-        wait_until(lambda: _get_ok(f"http://127.0.0.1:{g.sidecar_port}/livez"), 10, "the sidecar")
+        wait_until(lambda: http_ok(g.sidecar_url("/livez")), 10, "the sidecar")
         assert call(g, "/v1/spool/window", ALICE_KEY, 20) == [200] * 20
         g.new_records(0, 20)
         wait_until(lambda: checkpoint.exists() and "stats" in json.loads(checkpoint.read_text()), 5,
@@ -120,7 +111,7 @@ def test_a_sidecar_killed_between_a_flush_and_its_checkpoint_records_nothing_twi
         checkpoint.write_bytes(old)
 
         sidecars.append(_serve(g, "sidecar2.log"))
-        wait_until(lambda: _get_ok(f"http://127.0.0.1:{g.sidecar_port}/livez"), 10, "the second sidecar")
+        wait_until(lambda: http_ok(g.sidecar_url("/livez")), 10, "the second sidecar")
         assert call(g, "/v1/spool/window", ALICE_KEY, 10) == [200] * 10
         g.new_records(50, 10)  # and no more: a doubled record would show up within it
         records = g.records()

@@ -36,6 +36,15 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def http_ok(url: str) -> bool:
+    """A GET of `url` answers 200 within a second."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:
@@ -95,6 +104,8 @@ class Gate:
         return f"{self.url}/{provider}"
 
     def start(self, command: str = "up") -> "Gate":
+        """`lmgate up` (both processes) or `lmgate nginx` (nginx alone: the sidecar is down)."""
+        self.command = command
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "lmgate", command, "--config", str(CONFIG)],
                                      env=self.env, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT)
@@ -107,14 +118,10 @@ class Gate:
         return self.proc.poll() is not None
 
     def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
-                if resp.status != 200:
-                    return False
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.sidecar_port}/livez", timeout=1):
-                return True
-        except OSError:
-            return False
+        return http_ok(self.url + "/healthz") and (self.command == "nginx" or http_ok(self.sidecar_url("/livez")))
+
+    def sidecar_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.sidecar_port}{path}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc is None:
