@@ -11,7 +11,6 @@ the request path.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import time
@@ -42,8 +41,6 @@ SPOOL_POLL_SECONDS = 0.05
 MAX_PENDING_RECORDS = 100_000
 # Seconds a stopping sidecar keeps reading the spool before its final flush.
 SHUTDOWN_READ_SECONDS = 2.0
-# Allocations between two runs of the cycle collector's youngest generation (Python's default: 700).
-GC_THRESHOLD = 50_000
 # Kept as they are (besides letters, digits and "-._~") in the id and owner headers: nginx copies
 # them into the spool line unescaped, where these are harmless, and most owners are e-mail
 # addresses that then need no percent-decoding per record.
@@ -224,11 +221,6 @@ def serve(settings: Settings) -> None:
     log.info("sidecar listening on %s:%d, allow-list %s (%d keys), spool %s, stats %s",
              settings.server.host, settings.server.port, settings.auth.allowlist_path,
              len(app[ALLOWLIST].current), settings.stats.spool_dir, settings.stats.output_path)
-    # Each record allocates a few dozen short-lived objects, none in a reference cycle: with the
-    # default threshold (700) the cycle collector ran every ~20 records and cost ~12 % of the
-    # sidecar's time. What exists now (code, the allow-list) is set aside from its scans.
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, 20, 20)
     try:
         web.run_app(app, host=settings.server.host, port=settings.server.port, print=None,
                     access_log=None, handle_signals=True, shutdown_timeout=5, reuse_address=True,

@@ -352,7 +352,7 @@ async def test_bad_lines_are_counted_never_stop_the_next_and_never_leak_a_key(si
     ready = await sidecar.readyz()
     assert ready["spool_bad_lines"] == expect_bad
     assert ready["spool_lines_read"] == len(lines) + 1
-    assert expect_bad > len(drawn) // 2                  # the draw was mostly garbage
+    assert expect_bad > len(drawn) // 4                  # the draw was largely garbage (~40-60 %)
     assert UNLISTED_KEY not in caplog.text, "a key in the log"
     for record in records:
         assert UNLISTED_KEY not in json.dumps(record, ensure_ascii=False)
