@@ -107,8 +107,7 @@ class SpoolReader:
                       "reading it from its start", offset, name, info.st_size)
             offset = 0
         handle.seek(offset)
-        inode = info.st_ino
-        f = self.files[name] = _File(path, inode, offset, handle)
+        f = self.files[name] = _File(path, info.st_ino, offset, handle)
         return f
 
     def _read_file(self, f: _File, max_lines: int) -> int:

@@ -187,8 +187,7 @@ def test_allowlist_edits_take_effect_without_restart(own_gate, mock_upstream):
         return httpx.post(g.base("openai") + "/v1/reload", headers=bearer(key), content=b"{}").status_code
 
     assert status(UNLISTED_KEY) == 403
-    text = g.allowlist.read_text()
-    g.allowlist.write_text(text + f"carol,{UNLISTED_KEY},carol@example.com,2026-02-01\n")
+    text = g.add_key("carol", UNLISTED_KEY, "carol@example.com")
     wait_until(lambda: status(UNLISTED_KEY) == 200, 5, "the added key to be accepted")
     # A broken edit keeps the previous list in force.
     g.allowlist.write_text(text + "broken-line-without-fields\n")
@@ -264,8 +263,7 @@ def test_auth_cache_reuses_a_yes_for_cache_seconds_and_never_a_no(own_gate, mock
 
     # A refusal is not cached: the key works as soon as the allow-list has it.
     assert status(UNLISTED_KEY) == 403
-    text = g.allowlist.read_text()
-    g.allowlist.write_text(text + f"carol,{UNLISTED_KEY},carol@example.com,2026-02-01\n")
+    text = g.add_key("carol", UNLISTED_KEY, "carol@example.com")
     wait_until(lambda: status(UNLISTED_KEY) == 200, 5, "the added key to be accepted")
     # Cached answers still name the caller in the records.
     mark = g.mark()

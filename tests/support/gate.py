@@ -100,6 +100,12 @@ class Gate:
         self.proc: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def add_key(self, id: str, key: str, owner: str) -> str:
+        """Append a row to the allow-list; return the text it had before."""
+        text = self.allowlist.read_text()
+        self.allowlist.write_text(text + f"{id},{key},{owner},2026-02-01\n")
+        return text
+
     def base(self, provider: str) -> str:
         return f"{self.url}/{provider}"
 

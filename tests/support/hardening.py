@@ -74,7 +74,7 @@ def log_count(g: Gate, needle: str) -> int:
 
 
 def readyz(g: Gate) -> tuple[int, dict]:
-    resp = httpx.get(f"http://127.0.0.1:{g.sidecar_port}/readyz", timeout=2)
+    resp = httpx.get(g.sidecar_url("/readyz"), timeout=2)
     return resp.status_code, resp.json()
 
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import lmgate.allowlist as allowlist_mod
 from lmgate.allowlist import (AllowListError, AllowListHolder, hash_key, load_allowlist, mask_key,
                               parse_allowlist)
+from tests.support.eventually import eventually
 
 pytestmark = pytest.mark.unit
 
@@ -530,11 +531,7 @@ async def test_poller_survives_unexpected_error(keyfile, monkeypatch):
     monkeypatch.setattr(holder, "check_async", boom)
     task = asyncio.create_task(holder.poll_forever())
     try:
-        for _ in range(200):
-            if len(calls) >= 3:
-                break
-            await asyncio.sleep(0.01)
-        assert len(calls) >= 3
+        assert await eventually(lambda: len(calls) >= 3)
         assert not task.done()
     finally:
         task.cancel()

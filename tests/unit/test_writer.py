@@ -16,6 +16,7 @@ import pytest
 
 import lmgate.writer as writer_mod
 from lmgate.writer import StatsWriter, rotated_name
+from tests.support.eventually import eventually
 
 pytestmark = pytest.mark.unit
 
@@ -419,11 +420,7 @@ async def test_flush_forever_calls_on_flushed(tmp_path):
     w.on_flushed = lambda: calls.append(1)
     task = asyncio.create_task(w.flush_forever())
     try:
-        for _ in range(200):
-            if len(calls) >= 3:
-                break
-            await asyncio.sleep(0.01)
-        assert len(calls) >= 3
+        assert await eventually(lambda: len(calls) >= 3)
     finally:
         task.cancel()
 
@@ -436,10 +433,7 @@ async def test_flush_forever_writes_periodically(tmp_path):
     task = asyncio.create_task(w.flush_forever())
     try:
         w.add(rec(1))
-        for _ in range(200):
-            if path.exists() and path.read_bytes():
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: path.exists() and bool(path.read_bytes()))
         assert lines(path) == [rec(1)]
     finally:
         task.cancel()
@@ -456,10 +450,6 @@ async def test_flush_forever_survives_a_surprise(tmp_path, monkeypatch):
     monkeypatch.setattr(w, "flush", boom)
     task = asyncio.create_task(w.flush_forever())
     try:
-        for _ in range(200):
-            if len(calls) >= 3:
-                break
-            await asyncio.sleep(0.01)
-        assert len(calls) >= 3 and not task.done()
+        assert await eventually(lambda: len(calls) >= 3) and not task.done()
     finally:
         task.cancel()
