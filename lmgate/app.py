@@ -34,8 +34,11 @@ WRITER = web.AppKey("writer", StatsWriter)
 
 # Spool lines turned into records before the loop serves anything else (a few milliseconds).
 BATCH = 128
-# Seconds between looks at the spool when there is nothing new.
-SPOOL_POLL_SECONDS = 0.05
+# Seconds between looks at the spool: short while calls are coming in, so that the sidecar's
+# turns on a core it shares with nginx stay short and evenly spread (streams at 64 connections:
+# p90 15 ms with 50 ms turns, 12 ms with 5 ms ones); every 50 ms once idle for a second.
+SPOOL_POLL_SECONDS = 0.005
+SPOOL_IDLE_POLL_SECONDS = 0.05
 # Records held for the stats file past which the spool is left unread (the disk refuses writes):
 # the lines wait in the spool, where they are safe, instead of in memory.
 MAX_PENDING_RECORDS = 100_000
@@ -45,6 +48,11 @@ SHUTDOWN_READ_SECONDS = 2.0
 # them into the spool line unescaped, where these are harmless, and most owners are e-mail
 # addresses that then need no percent-decoding per record.
 HEADER_SAFE = "@+"
+# Seconds a cached "yes" past auth.cache_seconds is still used while nginx asks the sidecar again
+# in the background: a busy key never waits for the sidecar when its entry expires. Without it,
+# every call that came in while the first one refreshed the entry also went to the sidecar and
+# waited in its queue, once a second (under load: plain p99 19 -> 13 ms, 3 % more calls/s).
+AUTH_REFRESH_SECONDS = 1
 # Header through which nginx hands the original request's URI (for the `key` parameter) to /auth.
 QUERY_HEADER = "X-LMGate-Query"
 
@@ -69,6 +77,9 @@ async def auth(request: web.Request) -> web.Response:
         "X-LMGate-ID": quote(entry.id, safe=HEADER_SAFE),
         "X-LMGate-Owner": quote(entry.owner, safe=HEADER_SAFE),
         "X-LMGate-Key": masked,
+        # nginx may keep serving this yes for AUTH_REFRESH_SECONDS past auth.cache_seconds while
+        # it asks again in the background (see nginx_conf._auth_cache).
+        "Cache-Control": f"stale-while-revalidate={AUTH_REFRESH_SECONDS}",
     })
 
 
@@ -123,16 +134,23 @@ class _Recorder:
 
 async def _read_spool(app: web.Application) -> None:
     spool, writer = app[SPOOL], app[WRITER]
+    idle = 0.0  # seconds since lines last came
     while True:
         if writer.buffered >= MAX_PENDING_RECORDS:
-            await asyncio.sleep(SPOOL_POLL_SECONDS)
+            await asyncio.sleep(SPOOL_IDLE_POLL_SECONDS)
             continue
         try:
             done = spool.read(BATCH)
         except Exception:  # the reader must outlive any surprise; the lines stay in the spool
             log.exception("spool: reading failed")
             done = 0
-        await asyncio.sleep(0 if done else SPOOL_POLL_SECONDS)
+        if done:
+            idle = 0.0
+            await asyncio.sleep(0)
+            continue
+        pause = SPOOL_POLL_SECONDS if idle < 1.0 else SPOOL_IDLE_POLL_SECONDS
+        idle += pause
+        await asyncio.sleep(pause)
 
 
 async def writer_ctx(app: web.Application) -> AsyncIterator[None]:

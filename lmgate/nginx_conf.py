@@ -149,10 +149,14 @@ def _auth_cache(settings: Settings) -> str:
         f"            proxy_cache_valid 200 {settings.auth.cache_seconds}s;",
         "            # A hit reads the cached answer's file: keep its descriptor open instead of",
         "            # opening it on every call. An entry's expiry is in the file's header, so a kept",
-        "            # descriptor never stretches a \"yes\" past auth.cache_seconds.",
+        "            # descriptor never stretches a \"yes\" past its expiry.",
         "            open_file_cache max=4096 inactive=10s;",
         "            open_file_cache_valid 1s;",
-        "            proxy_ignore_headers Cache-Control Expires Set-Cookie Vary X-Accel-Expires;",
+        "            # The sidecar's yes says `Cache-Control: stale-while-revalidate=1`: for one",
+        "            # second past cache_seconds nginx still uses it, and asks again in the background",
+        "            # (not the calls that keep coming). Refused or unanswered, the entry ends then.",
+        "            proxy_cache_background_update on;",
+        "            proxy_ignore_headers Expires Set-Cookie Vary X-Accel-Expires;",
     ])
 
 

@@ -184,6 +184,8 @@ async def test_auth_allows_listed_key(make_gate, headers, query, who, owner, key
     assert resp.headers["X-LMGate-Key"] == quote("..." + key[-6:], safe="")
     assert key not in str(resp.headers)
     assert "X-LMGate-Reason" not in resp.headers
+    # nginx may use this yes one second past auth.cache_seconds while it asks again.
+    assert resp.headers["Cache-Control"] == "stale-while-revalidate=1"
 
 
 @pytest.mark.parametrize("headers,query,reason", [
@@ -206,6 +208,7 @@ async def test_auth_denies(make_gate, headers, query, reason):
     assert body == b""
     assert reason in resp.headers["X-LMGate-Reason"]
     assert "X-LMGate-ID" not in resp.headers and "X-LMGate-Owner" not in resp.headers
+    assert "Cache-Control" not in resp.headers  # nothing that could make nginx keep a refusal
     for key in (KEY_ALICE, KEY_BOB, KEY_CAROL, KEY_UNKNOWN):
         assert key not in str(resp.headers)
 
