@@ -305,9 +305,9 @@ def test_an_expired_yes_is_refreshed_in_the_background_and_never_outlives_its_bo
     try:
         time.sleep(max(0.0, filled + 2.3 - time.monotonic()))
         # Expired, and the sidecar does not answer: the yes is used while nginx asks again in
-        # the background; the call does not wait for that question (auth timeout: 1 s).
+        # the background; the call does not wait for that question (which times out after 1 s).
         status, took, _ = call()
-        assert status == 200 and took < 0.5, (status, took)
+        assert status == 200 and took < 0.9, (status, took)
         time.sleep(max(0.0, filled + 3.3 - time.monotonic()))
         # Past the refresh window: nothing left to use, the sidecar still silent: fail closed.
         status, _, text = call()
