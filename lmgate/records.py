@@ -145,10 +145,11 @@ _FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err
 
 
 def _load_line(line: bytes) -> tuple[dict[str, str], bytes]:
-    """The metadata (JSON) and the capture of a spool line (they are separated by a tab)."""
-    text, tab, body = line.rpartition(b"\t")
-    if not tab:  # no capture at all
-        text, body = line, b""
+    """The metadata (JSON) and the capture of a spool line (they are separated by a tab).
+
+    The first tab ends the metadata: JSON holds no raw tab, so whatever follows it (base64 from
+    nginx, or anything else) cannot make the metadata unreadable."""
+    text, _, body = line.partition(b"\t")
     try:
         meta = orjson.loads(text)
     except orjson.JSONDecodeError:

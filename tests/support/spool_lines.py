@@ -64,7 +64,7 @@ def capture(body: bytes, head_max: int = 16384, tail_max: int = 65536, last: boo
 
 def body_flags(line: bytes) -> str:
     """The capture flags a spool line carries ("" without a capture)."""
-    text = line.rpartition(b"\t")[2].decode()
+    text = line.partition(b"\t")[2].decode()
     return text.split(":")[1] if text else ""
 
 

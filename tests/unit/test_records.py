@@ -457,7 +457,8 @@ def test_invalid_base64_gives_a_record_without_usage(head):
     assert r["response_bytes"] == len(OPENAI_BODY)
 
 
-@pytest.mark.parametrize("text", ["garbage", "12", "12:g", "12::e30=", "12:g:e30=:e30=:extra", ":::"])
+@pytest.mark.parametrize("text", ["garbage", "12", "12:g", "12::e30=", "12:g:e30=:e30=:extra", ":::",
+                                  "12:\t:e30=:", "\t"])
 def test_capture_that_is_not_lmgate_js_gives_a_record_without_usage(text):
     r = record(spool_line(OPENAI_BODY, fields={"body": text}))
     assert r["status"] == 200 and r["input_tokens"] is None
