@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import hashlib
 import io
 import logging
@@ -173,10 +174,19 @@ class AllowListHolder:
         return self._changed() and self._apply(await asyncio.to_thread(self._parse))
 
     def _parse(self) -> AllowList | AllowListError:
+        # A million rows are millions of objects: built with the cycle collector on, it scans them
+        # again and again, each time holding the GIL for up to a second, and /auth (1 s timeout)
+        # refused calls meanwhile. They hold no reference cycles: build them with it paused and,
+        # once built, set everything there is aside from its scans for good.
+        gc.disable()
         try:
-            return load_allowlist(self.path)
+            fresh = load_allowlist(self.path)
+            gc.freeze()
+            return fresh
         except AllowListError as exc:
             return exc
+        finally:
+            gc.enable()
 
     def _apply(self, fresh: AllowList | AllowListError) -> bool:
         if isinstance(fresh, AllowListError):
