@@ -175,9 +175,9 @@ class AllowListHolder:
 
     def _parse(self) -> AllowList | AllowListError:
         # A million rows are millions of objects: built with the cycle collector on, it scans them
-        # again and again, each time holding the GIL for up to a second, and /auth (1 s timeout)
-        # refused calls meanwhile. They hold no reference cycles: build them with it paused and,
-        # once built, set everything there is aside from its scans for good.
+        # again and again while holding the GIL (a 1M-row reload once refused calls to the 1 s
+        # /auth timeout). They hold no reference cycles: build them with it paused and, once
+        # built, set everything there is aside from its scans for good.
         gc.disable()
         try:
             fresh = load_allowlist(self.path)
