@@ -144,10 +144,12 @@ async def _read_spool(app: web.Application) -> None:
         except Exception:  # the reader must outlive any surprise; the lines stay in the spool
             log.exception("spool: reading failed")
             done = 0
-        if done:
+        if done == BATCH:  # more may be waiting: read on once the loop has served the rest
             idle = 0.0
             await asyncio.sleep(0)
             continue
+        if done:  # the spool's end was reached
+            idle = 0.0
         pause = SPOOL_POLL_SECONDS if idle < 1.0 else SPOOL_IDLE_POLL_SECONDS
         idle += pause
         await asyncio.sleep(pause)
