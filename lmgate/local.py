@@ -128,6 +128,15 @@ def run_nginx(settings: Settings) -> int:
     return 0
 
 
+def http_ok(url: str) -> bool:
+    """A GET of `url` answers 200 within a second (a health check)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
 def port_in_use(host: str, port: int, kind: int = socket.SOCK_STREAM) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, kind) as sock:
@@ -177,12 +186,9 @@ class Up:
             if self.sidecar.poll() is not None:
                 raise StartError(f"the sidecar exited with code {self.sidecar.returncode} while starting "
                                  f"(see its message above)")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
+            if http_ok(url):
+                return
+            time.sleep(0.05)
         raise StartError(f"the sidecar did not answer on {url} within {SIDECAR_START_SECONDS}s")
 
     def run(self) -> int:

@@ -152,9 +152,10 @@ def _auth_cache(settings: Settings) -> str:
         "            # descriptor never stretches a \"yes\" past its expiry.",
         "            open_file_cache max=4096 inactive=10s;",
         "            open_file_cache_valid 1s;",
-        "            # The sidecar's yes says `Cache-Control: stale-while-revalidate=1`: for one",
-        "            # second past cache_seconds nginx still uses it, and asks again in the background",
-        "            # (not the calls that keep coming). Refused or unanswered, the entry ends then.",
+        "            # The sidecar's yes says `Cache-Control: stale-while-revalidate=<s>` (lmgate/app.py",
+        "            # AUTH_REFRESH_SECONDS): that long past cache_seconds nginx still uses it, and asks",
+        "            # again in the background (not the calls that keep coming). Refused or unanswered,",
+        "            # the entry ends then.",
         "            proxy_cache_background_update on;",
         "            proxy_ignore_headers Expires Set-Cookie Vary X-Accel-Expires;",
     ])

@@ -43,6 +43,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmgate.local import http_ok  # run with the interpreter that has LMGate installed
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config" / "lmgate.yaml"
 LUA = REPO / "scripts" / "bench" / "post.lua"
@@ -287,14 +289,6 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def children(pid: int) -> list[int]:

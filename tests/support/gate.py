@@ -12,9 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from lmgate.local import http_ok  # noqa: F401 - the health check the tests share with `lmgate up`
 from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,15 +34,6 @@ ALLOWLIST = (
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def http_ok(url: str) -> bool:
-    """A GET of `url` answers 200 within a second."""
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
