@@ -525,6 +525,36 @@ def test_keys_in_several_places_at_once(routed, routes_mock, provider, headers, 
         assert reached == []
 
 
+# Requests made one after the other, all within the /auth cache's time: (headers, status).
+CACHE_STEPS = [
+    ([("x-api-key", ALICE_KEY), ("x-api-key", ALICE_KEY)], 200),
+    ([("x-api-key", f"{ALICE_KEY},{ALICE_KEY}")], 403),   # what njs makes of the two copies above
+    ([("x-api-key", ALICE_KEY)], 200),
+    ([("x-api-key", ALICE_KEY), ("x-api-key", UNLISTED_KEY)], 403),
+    ([("X-Api-Key", ALICE_KEY), ("x-api-key", "")], 200),
+    ([("x-api-key", ALICE_KEY), ("x-goog-api-key", UNLISTED_KEY)], 403),
+    ([("x-goog-api-key", ALICE_KEY)], 200),
+    ([("x-goog-api-key", ALICE_KEY), ("x-goog-api-key", UNLISTED_KEY)], 403),
+    ([("x-goog-api-key", f"{ALICE_KEY},{UNLISTED_KEY}")], 403),
+    ([("Authorization", f"Bearer {ALICE_KEY}")], 200),
+    ([("Authorization", f"Bearer {ALICE_KEY}"), ("x-api-key", UNLISTED_KEY)], 403),
+]
+
+
+def test_a_cached_yes_never_answers_a_request_with_other_key_material(own_gate, mock_upstream):
+    """nginx caches the sidecar's yes under a hash of the key headers: every copy of each must
+    count, or a request that adds a second key would pass on the first one's cached yes."""
+    g = own_gate(LMGATE_AUTH__CACHE_SECONDS="60")
+    mock_upstream.reply("/v1/cache-keys", body=b'{"ok":true}')
+    got = []
+    for headers, _ in CACHE_STEPS:
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers)
+        status, _, _ = raw_request(g.port, (f"POST /anthropic/v1/cache-keys HTTP/1.1\r\nHost: x\r\n{lines}"
+                                            f"Content-Length: 2\r\nConnection: close\r\n\r\n{{}}").encode())
+        got.append(status)
+    assert got == [status for _, status in CACHE_STEPS]
+
+
 def test_sidecar_survived_every_hostile_request(routed):
     status, body = readyz(routed)
     assert status == 200, body
