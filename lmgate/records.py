@@ -33,7 +33,9 @@ _MAX_DURATION = 1e7
 
 
 def iso_utc(epoch: float) -> str:
-    return _iso_second(int(epoch // 1)) + f".{int(epoch % 1 * 1000):03d}Z"
+    """`epoch` >= 0 as ISO 8601 UTC, to the millisecond (truncated)."""
+    second = int(epoch)
+    return f"{_iso_second(second)}.{int((epoch - second) * 1000):03d}Z"
 
 
 @functools.lru_cache(maxsize=64)

@@ -229,14 +229,19 @@ def _openai(units: Units) -> tuple[str | None, dict | None]:
     return _first_model(units, _MODEL, model_of), None
 
 
+# The Responses API says input/output, chat/completions/embeddings say prompt/completion:
+# (input, output, input details, output details).
+_RESPONSES_NAMES = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+_CHAT_NAMES = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
+
+
 def _openai_counts(usage: dict) -> Counts:
-    # The Responses API says input/output, chat/completions/embeddings say prompt/completion.
     responses = "input_tokens" in usage or "output_tokens" in usage
-    inp, out = ("input", "output") if responses else ("prompt", "completion")
-    return {"input_tokens": _count(usage, f"{inp}_tokens"),
-            "output_tokens": _count(usage, f"{out}_tokens"),
-            "cache_read_tokens": _sub(usage, f"{inp}_tokens_details", "cached_tokens"),
-            "reasoning_tokens": _sub(usage, f"{out}_tokens_details", "reasoning_tokens"),
+    inp, out, inp_details, out_details = _RESPONSES_NAMES if responses else _CHAT_NAMES
+    return {"input_tokens": _count(usage, inp),
+            "output_tokens": _count(usage, out),
+            "cache_read_tokens": _sub(usage, inp_details, "cached_tokens"),
+            "reasoning_tokens": _sub(usage, out_details, "reasoning_tokens"),
             "total_tokens": _int(usage.get("total_tokens"))}
 
 
