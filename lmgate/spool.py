@@ -37,8 +37,8 @@ DONE_AFTER_SECONDS = SLOT_SECONDS + 3
 CHECKPOINT_NAME = ".checkpoint.json"
 STATS_MARK = "stats"  # the checkpoint's entry for the stats file; never a spool file's name
 # Bytes asked of each read. Below glibc's threshold for serving an allocation with fresh mmap'ed
-# pages (128 KiB): Python allocates the whole size for every read, and 1 MiB reads cost ~1.3 us
-# per plain call in page faults and copies (offline, 100 000 spool lines: 2.2 -> 0.8 us a line).
+# pages (128 KiB): Python allocates the whole size for every read, and reading a backlog in 1 MiB
+# reads cost ~1.4 us more per line in page faults and copies (100 000 plain lines: 2.2 -> 0.8 us).
 READ_BYTES = 1 << 16
 
 
