@@ -80,8 +80,9 @@ function body(r) {
 // differently must never get the same hash.
 function authHash(r) {
     var h = r.headersIn;
-    // nginx refuses a repeated Authorization header; njs joins repeats of other headers with ",".
-    // A comma is in no real key, so without one each value is one header, read exactly.
+    // nginx refuses a repeated Authorization header; njs joins repeats of other headers with ","
+    // (test_a_cached_yes_never_answers_a_request_with_other_key_material holds the njs in use to
+    // it). A comma is in no real key, so without one each value is one header, read exactly.
     var xKey = h['X-Api-Key'];
     var googKey = h['X-Goog-Api-Key'];
     var s = (xKey !== undefined && xKey.indexOf(',') >= 0) ||
