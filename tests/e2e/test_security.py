@@ -489,6 +489,14 @@ def test_a_key_that_is_not_utf8_is_refused_as_forbidden(routed, routes_mock):
               f"answer {json.loads(body)['error']['code']}, record {record['error_type']}")
 
 
+def post_with_headers(port: int, path_qs: str, headers: list[tuple[str, str]]
+                      ) -> tuple[int | None, dict[str, str], bytes]:
+    """POST `{}` with these header lines as they are (a name may repeat, a value may be empty)."""
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers)
+    return raw_request(port, (f"POST {path_qs} HTTP/1.1\r\nHost: x\r\n{lines}"
+                              f"Content-Length: 2\r\nConnection: close\r\n\r\n{{}}").encode())
+
+
 # (provider, headers as a list so a name can repeat, query, status)
 KEY_PLACES = [
     ("openai", [("Authorization", f"Bearer {ALICE_KEY}"), ("x-api-key", ALICE_KEY)], "", 200),
@@ -512,9 +520,7 @@ KEY_PLACES = [
 @pytest.mark.parametrize("provider,headers,query,status", KEY_PLACES, ids=[str(i) for i in range(len(KEY_PLACES))])
 def test_keys_in_several_places_at_once(routed, routes_mock, provider, headers, query, status):
     seen = len(routes_mock.seen)
-    lines = "".join(f"{k}: {v}\r\n" for k, v in headers)
-    got, _, body = raw_request(routed.port, (f"POST /{provider}/v1/x{query} HTTP/1.1\r\nHost: x\r\n{lines}"
-                                             f"Content-Length: 2\r\nConnection: close\r\n\r\n{{}}").encode())
+    got, _, body = post_with_headers(routed.port, f"/{provider}/v1/x{query}", headers)
     assert got == status, body[:200]
     reached = routes_mock.seen[seen:]
     if status == 200:
@@ -546,12 +552,7 @@ def test_a_cached_yes_never_answers_a_request_with_other_key_material(own_gate, 
     count, or a request that adds a second key would pass on the first one's cached yes."""
     g = own_gate(LMGATE_AUTH__CACHE_SECONDS="60")
     mock_upstream.reply("/v1/cache-keys", body=b'{"ok":true}')
-    got = []
-    for headers, _ in CACHE_STEPS:
-        lines = "".join(f"{k}: {v}\r\n" for k, v in headers)
-        status, _, _ = raw_request(g.port, (f"POST /anthropic/v1/cache-keys HTTP/1.1\r\nHost: x\r\n{lines}"
-                                            f"Content-Length: 2\r\nConnection: close\r\n\r\n{{}}").encode())
-        got.append(status)
+    got = [post_with_headers(g.port, "/anthropic/v1/cache-keys", headers)[0] for headers, _ in CACHE_STEPS]
     assert got == [status for _, status in CACHE_STEPS]
 
 
