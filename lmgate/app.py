@@ -39,6 +39,7 @@ BATCH = 128
 # p90 15 ms with 50 ms turns, 12 ms with 5 ms ones); every 50 ms once idle for a second.
 SPOOL_POLL_SECONDS = 0.005
 SPOOL_IDLE_POLL_SECONDS = 0.05
+SPOOL_IDLE_AFTER_SECONDS = 1.0
 # Records held for the stats file past which the spool is left unread (the disk refuses writes):
 # the lines wait in the spool, where they are safe, instead of in memory.
 MAX_PENDING_RECORDS = 100_000
@@ -135,7 +136,8 @@ class _Recorder:
 
 async def _read_spool(app: web.Application) -> None:
     spool, writer = app[SPOOL], app[WRITER]
-    idle = 0.0  # seconds since lines last came
+    loop = asyncio.get_running_loop()
+    lines_came = loop.time()
     while True:
         if writer.buffered >= MAX_PENDING_RECORDS:
             await asyncio.sleep(SPOOL_IDLE_POLL_SECONDS)
@@ -145,15 +147,14 @@ async def _read_spool(app: web.Application) -> None:
         except Exception:  # the reader must outlive any surprise; the lines stay in the spool
             log.exception("spool: reading failed")
             done = 0
+        if done:
+            lines_came = loop.time()
         if done == BATCH:  # more may be waiting: read on once the loop has served the rest
-            idle = 0.0
             await asyncio.sleep(0)
             continue
-        if done:  # the spool's end was reached
-            idle = 0.0
-        pause = SPOOL_POLL_SECONDS if idle < 1.0 else SPOOL_IDLE_POLL_SECONDS
-        idle += pause
-        await asyncio.sleep(pause)
+        # The spool's end was reached.
+        idle = loop.time() - lines_came >= SPOOL_IDLE_AFTER_SECONDS
+        await asyncio.sleep(SPOOL_IDLE_POLL_SECONDS if idle else SPOOL_POLL_SECONDS)
 
 
 async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
