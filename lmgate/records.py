@@ -44,7 +44,7 @@ def _iso_second(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
-def _int(value: str | None, default: int = 0) -> int:
+def _int(value: str | bytes | None, default: int = 0) -> int:
     try:
         return int(value) if value else default
     except ValueError:
@@ -71,10 +71,9 @@ def classify(status: int, nginx_error: str | None, usage_problem: str | None) ->
     return usage_problem
 
 
-def _record(meta: dict[str, str], status: int, usage: Usage, error_type: str | None,
+def _record(meta: dict[str, str], path: str, status: int, usage: Usage, error_type: str | None,
             received_at: float, api: str, response_bytes: int) -> dict[str, Any]:
-    """The record; `meta` values are already decoded."""
-    path = meta.get("u", "").split("?", 1)[0]
+    """The record; `meta` values are already decoded, `path` is the endpoint."""
     ended_at = _float(meta.get("ts"), _MAX_EPOCH) or received_at
     duration = min(_float(meta.get("t"), _MAX_DURATION), ended_at)
     return {
@@ -147,7 +146,8 @@ _FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err
 
 
 def _load_line(line: bytes) -> tuple[dict[str, str], bytes]:
-    """The metadata (JSON) and the capture of a spool line (they are separated by a tab).
+    """The metadata (JSON, its id/own/mk decoded) and the capture of a spool line (they are
+    separated by a tab).
 
     The first tab ends the metadata: JSON holds no raw tab, so whatever follows it (base64 from
     nginx, or anything else) cannot make the metadata unreadable."""
@@ -157,42 +157,42 @@ def _load_line(line: bytes) -> tuple[dict[str, str], bytes]:
     except orjson.JSONDecodeError:
         # A client can put any byte in the path nginx logs; keep the rest of the line readable.
         meta = orjson.loads(text.decode("utf-8", "replace"))
-    if not isinstance(meta, dict):
+    if type(meta) is not dict:
         raise ValueError("not a JSON object")
     for name in _FIELDS:
         if type(meta.get(name, "")) is not str:
             raise ValueError(f"{name} is not a string: not a line nginx wrote")
+    if b"%" in text:  # the sidecar's header values, percent-encoded, as nginx logged them
+        for name in ("id", "own", "mk"):
+            if "%" in meta.get(name, ""):
+                meta[name] = unquote(meta[name])
     return meta, body
 
 
 def _body(meta: dict[str, str], body: bytes) -> tuple[int, str, bytes, bytes | None]:
     """The body filter's capture: (body bytes, flags, head, tail or None), see nginx/lmgate.js.
     No capture (nginx's own answers, header-only ones): nginx's byte count and an empty head."""
-    try:
-        i = body.index(b":")
-        j = body.index(b":", i + 1)
-        k = body.index(b":", j + 1)
-    except ValueError:
+    i = body.find(b":")
+    j = body.find(b":", i + 1)
+    k = body.find(b":", j + 1) if j > 0 else -1
+    if k < 0:
         return _int(meta.get("n")), "", b"", None
-    size, flags = _int(body[:i].decode("ascii", "replace")), body[i + 1:j].decode("ascii", "replace")
+    flags = body[i + 1:j].decode("ascii", "replace")
     view = memoryview(body)  # decoded in place: no copy of a long capture
     try:
-        return (size, flags, pybase64.b64decode(view[j + 1:k], validate=True),
+        return (_int(body[:i]), flags, pybase64.b64decode(view[j + 1:k], validate=True),
                 pybase64.b64decode(view[k + 1:], validate=True) if "g" in flags else None)
     except ValueError:  # not what nginx writes: count the bytes, read no usage
-        return size, flags, b"", None
+        return _int(body[:i]), flags, b"", None
 
 
 def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
     """The record for one call, from its spool line (nginx's access log, see
     nginx/nginx.conf.template). Raises ValueError for a line that is not one."""
     meta, body = _load_line(line)
-    # The sidecar's header values, percent-encoded, as nginx logged them.
-    for name in ("id", "own", "mk"):
-        if "%" in meta.get(name, ""):
-            meta[name] = unquote(meta[name])
     provider = meta.get("p", "")
-    provider_path = _provider_path(meta.get("u", "").split("?", 1)[0], provider)
+    path = meta.get("u", "").split("?", 1)[0]
+    provider_path = _provider_path(path, provider)
     api = _api_for(provider, provider_path)
     status = _int(meta.get("s"))
     response_bytes, flags, head, tail = _body(meta, body)
@@ -202,8 +202,8 @@ def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
         if meta.get("done") == "OK" and "x" not in flags and head:
             # The answer went through whole: the usual case.
             usage = extract_usage(api, provider_path, status, meta.get("ct", ""), head, tail)
-            return _record(meta, status, usage, classify(status, None, usage.problem), received_at,
-                           api, response_bytes)
+            return _record(meta, path, status, usage, classify(status, None, usage.problem),
+                           received_at, api, response_bytes)
         if meta.get("done") != "OK":
             # The client went away before the response was complete; nginx may still say 200.
             status = 499
@@ -215,5 +215,5 @@ def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
         # The whole answer reached the client, which closed the connection before the transport's
         # end (SDKs stop reading at [DONE] / message_stop): a complete call, not a cut one.
         status, nginx_error = _int(meta.get("s")), None
-    return _record(meta, status, usage, classify(status, nginx_error, None), received_at, api,
+    return _record(meta, path, status, usage, classify(status, nginx_error, None), received_at, api,
                    response_bytes)

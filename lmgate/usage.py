@@ -46,9 +46,9 @@ class Usage:
 # only when a cheap regex says it may hold what we look for) or an already
 # parsed object (a whole JSON body, or an element of Gemini's array stream).
 Unit = bytes | dict
-Counts = dict[str, int | None]
+# Token counts in Usage's field order: input, output, cache read, cache write, reasoning, total.
+Counts = tuple[int | None, int | None, int | None, int | None, int | None, int | None]
 
-_JSON_START = re.compile(rb"\s*[\[{]")
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')            # skips OpenAI's `"usage":null` chunks
 _USAGE_OR_MODEL = re.compile(rb'"(?:usage|model)"')
 _MODEL = re.compile(rb'"model"')
@@ -164,15 +164,16 @@ def _split(head: bytes, tail: bytes | None) -> tuple[Units, bool]:
     Returns (units, lost): lost means the units may lack the part of the body
     that carries the usage, so the caller falls back to key scanning.
     """
-    if _JSON_START.match(head):
+    if head.lstrip()[:1] in (b"{", b"["):  # lstrip(): JSON's whitespace, and \f and \v
         if tail is not None:
             return [], True              # a JSON document cut in the middle cannot be parsed
         try:
             doc = _loads(head)
         except Exception:
             return [], True              # e.g. a Gemini array stream that ended early
-        docs = doc if isinstance(doc, list) else [doc]
-        return [d for d in docs if isinstance(d, dict)], False
+        if isinstance(doc, dict):
+            return [doc], False
+        return [d for d in doc if isinstance(d, dict)], False  # an array: Gemini's JSON stream
     if tail is None:
         return _SSEEvents(head), False
     # Drop the partial line at the end of the head and at the start of the tail.
@@ -219,14 +220,20 @@ def _openai_body(doc: dict) -> dict:
     return response if isinstance(response, dict) else doc
 
 
+def _openai_model(doc: dict) -> str | None:
+    return _str(_openai_body(doc).get("model"))
+
+
 def _openai(units: Units) -> tuple[str | None, dict | None]:
     """Chat/completions/embeddings and Responses, plain or streamed."""
-    model_of = lambda doc: _str(_openai_body(doc).get("model"))  # noqa: E731
     for unit in reversed(units):      # usage is in the last chunk / the terminal event
         doc = _load(unit, _USAGE)
-        if doc is not None and isinstance(usage := _openai_body(doc).get("usage"), dict):
-            return model_of(doc) or _first_model(units, _MODEL, model_of), usage
-    return _first_model(units, _MODEL, model_of), None
+        if doc is None:
+            continue
+        body = _openai_body(doc)
+        if isinstance(usage := body.get("usage"), dict):
+            return _str(body.get("model")) or _first_model(units, _MODEL, _openai_model), usage
+    return _first_model(units, _MODEL, _openai_model), None
 
 
 # The Responses API says input/output, chat/completions/embeddings say prompt/completion:
@@ -238,11 +245,8 @@ _CHAT_NAMES = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "c
 def _openai_counts(usage: dict) -> Counts:
     responses = "input_tokens" in usage or "output_tokens" in usage
     inp, out, inp_details, out_details = _RESPONSES_NAMES if responses else _CHAT_NAMES
-    return {"input_tokens": _count(usage, inp),
-            "output_tokens": _count(usage, out),
-            "cache_read_tokens": _sub(usage, inp_details, "cached_tokens"),
-            "reasoning_tokens": _sub(usage, out_details, "reasoning_tokens"),
-            "total_tokens": _int(usage.get("total_tokens"))}
+    return (_count(usage, inp), _count(usage, out), _sub(usage, inp_details, "cached_tokens"), None,
+            _sub(usage, out_details, "reasoning_tokens"), _int(usage.get("total_tokens")))
 
 
 def _anthropic(units: Units) -> tuple[str | None, dict | None]:
@@ -274,27 +278,28 @@ def _anthropic_counts(usage: dict) -> Counts:
         values = [v for p in parts or [usage] if (v := _int(p.get(key))) is not None]
         return sum(values) if values else None
 
-    return {"input_tokens": total("input_tokens"), "output_tokens": total("output_tokens"),
-            "cache_read_tokens": total("cache_read_input_tokens"),
-            "cache_write_tokens": total("cache_creation_input_tokens")}
+    return (total("input_tokens"), total("output_tokens"), total("cache_read_input_tokens"),
+            total("cache_creation_input_tokens"), None, None)
+
+
+def _google_model(doc: dict) -> str | None:
+    return _str(doc.get("modelVersion"))
 
 
 def _google(units: Units) -> tuple[str | None, dict | None]:
     """Gemini API and Vertex AI: every chunk holds a cumulative snapshot, so the last one counts."""
-    model_of = lambda doc: _str(doc.get("modelVersion"))  # noqa: E731
     for unit in reversed(units):
         doc = _load(unit, _USAGE_METADATA)
         if doc is not None and isinstance(usage := doc.get("usageMetadata"), dict):
-            return model_of(doc) or _first_model(units, _MODEL_VERSION, model_of, reverse=True), usage
-    return _first_model(units, _MODEL_VERSION, model_of, reverse=True), None
+            return (_google_model(doc) or _first_model(units, _MODEL_VERSION, _google_model, reverse=True),
+                    usage)
+    return _first_model(units, _MODEL_VERSION, _google_model, reverse=True), None
 
 
 def _google_counts(usage: dict) -> Counts:
-    return {"input_tokens": _count(usage, "promptTokenCount"),
-            "output_tokens": _count(usage, "candidatesTokenCount"),
-            "cache_read_tokens": _int(usage.get("cachedContentTokenCount")),
-            "reasoning_tokens": _int(usage.get("thoughtsTokenCount")),
-            "total_tokens": _int(usage.get("totalTokenCount"))}
+    return (_count(usage, "promptTokenCount"), _count(usage, "candidatesTokenCount"),
+            _int(usage.get("cachedContentTokenCount")), None, _int(usage.get("thoughtsTokenCount")),
+            _int(usage.get("totalTokenCount")))
 
 
 # format -> (reader, counts mapper, usage key, model key, model position in a cut body)
@@ -373,6 +378,6 @@ def _extract(api: str, path: str, status: int, content_type: str, head: bytes,
         return Usage(model=model, stream=stream, problem=problem)
     counts = counts_of(usage)
     problem = None
-    if tail is not None and counts["input_tokens"] is None and _generates(fmt, path):
+    if tail is not None and counts[0] is None and _generates(fmt, path):
         problem = CAPTURE_TRUNCATED      # e.g. an Anthropic message_start cut off by a tiny head
-    return Usage(model=model, stream=stream, problem=problem, **counts)
+    return Usage(model, *counts, stream, problem)

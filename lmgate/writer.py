@@ -50,6 +50,9 @@ class StatsWriter:
 
     def add(self, record: dict[str, Any]) -> None:
         try:
+            # Not OPT_APPEND_NEWLINE: orjson's result keeps its 4 KiB output buffer (tracemalloc: 4 098
+            # bytes for a 440-byte record), and the concatenation makes a right-sized copy. Holding a
+            # second's records in 4 KiB pieces cost ~3.5 us more per record.
             line = orjson.dumps(record) + b"\n"
         except TypeError:
             # A lone surrogate (from a malformed body) becomes a \udXXX escape: still valid JSON.
