@@ -80,6 +80,12 @@ class NginxProcess:
         if changed:
             log.info("address of %s changed; reloading nginx", ", ".join(changed))
             self._addresses.update({h: fresh[h] for h in changed})
+            # Rendered again first: the reload restarts nginx's connection serial numbers, and a
+            # new instance id keeps request ids unique (nginx.conf.template, lmgate_spool).
+            try:
+                write_config(self.settings, self.conf, self.runtime_dir)
+            except (OSError, RenderError) as exc:
+                log.error("cannot render nginx's config again (%s); reloading the one it has", exc)
             self.proc.send_signal(signal.SIGHUP)
 
     def _cmd(self, *extra: str) -> list[str]:

@@ -11,6 +11,7 @@ import hashlib
 import os
 import pwd
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -185,6 +186,9 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "LOAD_MODULE": f"load_module {module};" if module else "# njs is built into this nginx",
         "WORKER_PROCESSES": settings.proxy.worker_processes,
         "RUNTIME_DIR": str(runtime_dir),
+        # New at each rendering: request ids stay unique across nginx's restarts and reloads, which
+        # start its connection serial numbers from 1 again, and across LMGate instances.
+        "INSTANCE_ID": secrets.token_hex(8),
         "TEMP_DIR": str(temp_dir),
         "USER": f"user {user};" if user else "# workers run as the user that starts nginx",
         "ERROR_LOG_LEVEL": "info" if settings.logging.level.lower() == "debug" else "warn",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -212,6 +213,38 @@ def test_clean_stop_flushes_every_buffered_record(own_gate, mock_upstream):
     records = g.records()
     assert len(records) == 20
     assert {r["input_tokens"] for r in records} == {11}
+
+
+def test_request_ids_are_unique_across_connections_and_restarts(own_gate, mock_upstream):
+    """A record's request_id: this nginx start's random id, the worker's pid, the connection's
+    serial number and the request's number on that connection. nginx numbers connections from 1
+    again at each start: the ids of two runs must still never meet."""
+    g = own_gate()
+    mock_upstream.reply("/v1/ids", body=b"{}")
+
+    def calls():
+        with httpx.Client() as one_connection:
+            for _ in range(3):
+                resp = one_connection.post(g.base("openai") + "/v1/ids", headers=bearer(ALICE_KEY), content=b"{}")
+                assert resp.status_code == 200
+        for _ in range(2):  # a connection each
+            assert httpx.post(g.base("openai") + "/v1/ids", headers=bearer(ALICE_KEY), content=b"{}").status_code == 200
+
+    calls()
+    assert g.stop() == 0
+    g.start()
+    calls()
+    assert g.stop() == 0
+    ids = [r["request_id"] for r in g.records()]
+    assert len(ids) == 10 and len(set(ids)) == 10, ids
+    parts = [re.fullmatch(r"([0-9a-f]{16})-(\d+)-(\d+)-(\d+)", i) for i in ids]
+    assert all(parts), ids
+    instance, _pid, connection, number = zip(*(m.groups() for m in parts))
+    assert len(set(instance[:5])) == 1 and len(set(instance[5:])) == 1 and instance[0] != instance[5]
+    for run in (0, 5):
+        # Three calls on one connection, numbered 1 to 3 on it; then two connections of their own.
+        assert len(set(connection[run:run + 3])) == 1 and number[run:run + 3] == ("1", "2", "3")
+        assert len(set(connection[run:run + 5])) == 3 and number[run + 3:run + 5] == ("1", "1")
 
 
 def test_up_refuses_to_start_on_a_taken_port(mock_upstream, tmp_path):
