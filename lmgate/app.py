@@ -144,6 +144,8 @@ async def _read_spool(app: web.Application) -> None:
             continue
         try:
             done = spool.read(BATCH)
+            if writer.flush_due:  # between reads, never inside one: its checkpoint deletes spool files
+                writer.flush()
         except Exception:  # the reader must outlive any surprise; the lines stay in the spool
             log.exception("spool: reading failed")
             done = 0

@@ -23,6 +23,11 @@ log = logging.getLogger("lmgate.stats")
 
 # Bound on records held while the disk refuses writes; past it the oldest are dropped and counted.
 MAX_BUFFERED_RECORDS = 1_000_000
+# Buffered bytes past which a flush is due before its interval. Under load, records then reach the
+# disk in pieces of about this size, not all at once: with the shipped 10 s interval at 16 000
+# calls/s, one write of ~75 MB and the deletion of the ten spool files behind it stalled nginx on
+# the same core for up to 300 ms (docs/performance.md).
+FLUSH_BYTES = 1 << 20
 
 
 def rotated_name(path: Path, when: float | None = None) -> Path:
@@ -41,6 +46,7 @@ class StatsWriter:
         self.rotate_bytes = rotate_bytes
         self.flush_interval = flush_interval
         self._lines: list[bytes] = []
+        self._bytes = 0  # in _lines
         self.written = 0
         self.dropped = 0
         self.last_error: str | None = None
@@ -59,13 +65,20 @@ class StatsWriter:
             line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode(
                 "utf-8", "backslashreplace") + b"\n"
         self._lines.append(line)
+        self._bytes += len(line)
         if len(self._lines) > MAX_BUFFERED_RECORDS:
-            del self._lines[0]
+            self._bytes -= len(self._lines.pop(0))
             self.dropped += 1
 
     @property
     def buffered(self) -> int:
         return len(self._lines)
+
+    @property
+    def flush_due(self) -> bool:
+        """FLUSH_BYTES are buffered, and the disk took the last flush (a disk that refuses writes
+        is tried again each interval, not at each record)."""
+        return self._bytes >= FLUSH_BYTES and self.last_error is None
 
     def flush(self) -> bool:
         """Write everything buffered; return False (and keep the records) if the disk refused."""
@@ -93,7 +106,7 @@ class StatsWriter:
             self._log_error(f"cannot write stats to {self.path}: {exc.strerror or exc}")
             return False
         self.written += len(self._lines)
-        self._lines = []
+        self._lines, self._bytes = [], 0
         if self.last_error:
             log.info("stats writing resumed: %s", self.path)
             self.last_error = None

@@ -15,6 +15,7 @@ import pytest
 from multidict import CIMultiDict
 
 import lmgate.app
+import lmgate.writer
 from lmgate.allowlist import AllowListHolder, hash_key
 from lmgate.app import SPOOL, create_app
 from lmgate.settings import load_settings
@@ -549,6 +550,24 @@ async def test_killed_between_a_flush_and_its_checkpoint_records_nothing_twice(m
     await asyncio.sleep(0.2)
     assert sorted(second.rids()) == sorted([f"a{i}" for i in range(10)] + [f"b{i}" for i in range(15)]
                                            + [f"c{i}" for i in range(5)])
+
+
+async def test_records_reach_the_disk_in_pieces_before_the_interval_under_load(make_gate, monkeypatch):
+    """A long flush interval does not hold a busy sidecar's records until it is up: past
+    FLUSH_BYTES they are written, and the spool's checkpoint follows."""
+    monkeypatch.setattr(lmgate.writer, "FLUSH_BYTES", 20_000)
+    gate = await make_gate(LMGATE_STATS__FLUSH_INTERVAL_SECONDS="3600")
+    n = 300  # ~130 KB of records
+    lines = [call_line(rid=f"p{i}") for i in range(n)]
+    gate.write(*lines)
+    _, body = await gate.wait_ready(lambda c, b: b["spool_lines_read"] == n)
+    on_disk = gate.rids()
+    assert len(on_disk) >= lmgate.app.BATCH, f"only {len(on_disk)} of {n} records on disk"
+    assert on_disk == [f"p{i}" for i in range(len(on_disk))]
+    assert body["stats_buffered"] == n - len(on_disk)
+    # The checkpoint is where the flushed records' lines end, not beyond.
+    [(_, (_, offset))] = spool_checkpoint(gate.spool).items()
+    assert offset == sum(len(line) + 1 for line in lines[:len(on_disk)])
 
 
 async def test_graceful_shutdown_writes_every_line_read(make_gate):

@@ -93,6 +93,29 @@ def test_records_are_buffered_until_flush(tmp_path):
     assert lines(path) == [rec(0), rec(1), rec(2)]
 
 
+def test_a_flush_is_due_at_flush_bytes_and_not_again_while_the_disk_refuses(tmp_path, fake_os, monkeypatch):
+    """Under load, records go to disk in pieces of FLUSH_BYTES before the interval is up; a disk
+    that refuses them is tried again each interval, not at each record."""
+    monkeypatch.setattr(writer_mod, "FLUSH_BYTES", 1000)
+    path = tmp_path / "stats.jsonl"
+    w = StatsWriter(path, 10**9, flush_interval=3600)
+    sizes = []
+    while not w.flush_due:
+        w.add(rec(len(sizes)))
+        sizes.append(len(json.dumps(rec(len(sizes)), ensure_ascii=False, separators=(",", ":")).encode()) + 1)
+    assert sum(sizes[:-1]) < 1000 <= sum(sizes)
+    assert w.flush() is True and not w.flush_due
+    assert len(lines(path)) == len(sizes)
+    fake_os.fail = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    for i in range(len(sizes) + 1):
+        w.add(rec(i))
+    assert w.flush() is False
+    assert w.buffered == len(sizes) + 1 and not w.flush_due
+    fake_os.fail = None
+    assert w.flush() is True and not w.flush_due
+    assert len(lines(path)) == 2 * len(sizes) + 1
+
+
 def test_flush_with_nothing_buffered(tmp_path):
     path = tmp_path / "stats.jsonl"
     w = StatsWriter(path, 10**9, 10)
