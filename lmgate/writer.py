@@ -25,8 +25,8 @@ log = logging.getLogger("lmgate.stats")
 MAX_BUFFERED_RECORDS = 1_000_000
 # Buffered bytes past which a flush is due before its interval. Under load, records then reach the
 # disk in pieces of about this size, not all at once: with the shipped 10 s interval at 16 000
-# calls/s, one write of ~75 MB and the deletion of the ten spool files behind it stalled nginx on
-# the same core for up to 300 ms (docs/performance.md).
+# calls/s, one write of ~50 MB (lmgate.app's 100 000 pending records) and the deletion of the ten
+# spool files behind it stalled nginx on the same core for up to 300 ms (docs/performance.md).
 FLUSH_BYTES = 1 << 20
 
 
