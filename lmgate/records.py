@@ -177,13 +177,13 @@ def _body(meta: dict[str, str], body: bytes) -> tuple[int, str, bytes, bytes | N
     k = body.find(b":", j + 1) if j > 0 else -1
     if k < 0:
         return _int(meta.get("n")), "", b"", None
-    flags = body[i + 1:j].decode("ascii", "replace")
+    size, flags = _int(body[:i]), body[i + 1:j].decode("ascii", "replace")
     view = memoryview(body)  # decoded in place: no copy of a long capture
     try:
-        return (_int(body[:i]), flags, pybase64.b64decode(view[j + 1:k], validate=True),
+        return (size, flags, pybase64.b64decode(view[j + 1:k], validate=True),
                 pybase64.b64decode(view[k + 1:], validate=True) if "g" in flags else None)
     except ValueError:  # not what nginx writes: count the bytes, read no usage
-        return _int(body[:i]), flags, b"", None
+        return size, flags, b"", None
 
 
 def from_spool(line: bytes, received_at: float) -> dict[str, Any]:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from lmgate.nginx_conf import render
 from lmgate.settings import load_settings
+from tests.unit.conftest import SHIPPED_CONFIG
 
 pytestmark = pytest.mark.unit
-
-SHIPPED = Path(__file__).resolve().parents[2] / "config" / "lmgate.yaml"
 
 
 def _request_id_formats(text: str) -> list[str]:
@@ -22,7 +20,7 @@ def _request_id_formats(text: str) -> list[str]:
 def test_each_rendering_gets_its_own_instance_id_in_the_request_id(tmp_path):
     """nginx starts its connection serial numbers from 1 at each start and reload: the request id
     stays unique only if each rendering (one per start, and one before each reload) differs."""
-    settings = load_settings(SHIPPED, environ={})
+    settings = load_settings(SHIPPED_CONFIG, environ={})
     first, second = (render(settings, tmp_path, njs_module=None) for _ in range(2))
     ids = [_request_id_formats(text) for text in (first, second)]
     assert [len(i) for i in ids] == [2, 2], "both spool log formats carry the request id"
