@@ -321,6 +321,66 @@ def test_100k_rows_parse_quickly():
     assert elapsed < 2.0, f"100k rows took {elapsed:.2f}s"
 
 
+# The file is decoded a piece at a time (allowlist.PIECE_BYTES): with pieces of a byte or two,
+# every line and every line ending meets a piece boundary, and the outcome must not change.
+PIECE_CASES = [
+    HEADER + f"alice,{KEY_A},Alice,2024\nbob,{KEY_B},Bob,2024\n",
+    HEADER.replace("\n", "\r\n") + f"alice,{KEY_A},Alice,2024\r\n\r\nbob,{KEY_B},Bob,2024",
+    HEADER.replace("\n", "\r") + f"alice,{KEY_A},Alice,2024\rbob,{KEY_B},Bob,2024\r",
+    "\ufeff" + HEADER + f'alice,{KEY_A},"Alice\nof\r\nline, three",2024\n\nbob,{KEY_B},Bob,2024\n',
+    HEADER + f"alice,{KEY_A},Ålice Ünïcode,2024\ncarol,{KEY_C},Carol,2024\n",
+    HEADER + f"alice,{KEY_A},Al\x85i\u2028c\x0ce\x1c,2024\n",  # line breaks to str, not to csv
+    HEADER + f'alice,{KEY_A},"Alice\n",2024\nalice,{KEY_B},Bob,2024\n',       # duplicate id, line 4
+    HEADER + f"alice,{KEY_A},Alice,2024\n\nbob,{KEY_A},Bob,2024\n",           # duplicate key, line 4
+    (HEADER + f"alice,{KEY_A},Alice,2024\n\n").encode() + b"bob,caf\xe9,Bob,2024\n",  # not UTF-8
+    (HEADER + f"alice,{KEY_A},Alice,2024\r\n").encode() + b"b\x00b,k,o,a\n",  # NUL, line 3
+]
+
+
+def outcome(data: str | bytes) -> tuple[int, list] | str:
+    """What a parse gives: each known key's entry, or the error message."""
+    try:
+        al = parse(data)
+    except AllowListError as exc:
+        return str(exc)
+    return len(al), [al.lookup(key) for key in (KEY_A, KEY_B, KEY_C)]
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 2, 7])
+@pytest.mark.parametrize("data", PIECE_CASES)
+def test_a_file_read_in_small_pieces_parses_as_in_one(data, piece_bytes, monkeypatch):
+    whole = outcome(data)
+    monkeypatch.setattr(allowlist_mod, "PIECE_BYTES", piece_bytes)
+    assert outcome(data) == whole
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.text(alphabet=st.characters(codec="utf-8"), max_size=12), max_size=6),
+                max_size=8), st.integers(1, 16))
+def test_random_csv_text_in_small_pieces_parses_as_in_one(rows, piece_bytes):
+    from unittest import mock
+    text = HEADER + "\n".join(",".join(cells) for cells in rows)
+    whole = outcome(text)
+    with mock.patch.object(allowlist_mod, "PIECE_BYTES", piece_bytes):
+        pieces = outcome(text)
+    # An error may be met at another line first (a CSV error before a later decoding error).
+    assert pieces == whole or (isinstance(pieces, str) and isinstance(whole, str))
+
+
+def test_only_lf_and_cr_end_a_line():
+    # Python's str.splitlines() also breaks at these; a CSV field may hold them.
+    owner = "A\x85b\u2028c\x0cd\x1ce\x0bf"
+    assert parse(HEADER + f"alice,{KEY_A},{owner},2024\n").lookup(KEY_A).owner == owner
+
+
+def test_many_keys_in_every_table():
+    rows = "".join(f"u{i},sk-shard-{i:06d},O,2024\n" for i in range(5000))
+    al = parse(HEADER + rows)
+    assert len(al) == 5000
+    assert [al.lookup(f"sk-shard-{i:06d}").line for i in (0, 2500, 4999)] == [2, 2502, 5001]
+    assert "5002: duplicate id 'u4321' (first on line 4323)" in error(HEADER + rows + "u4321,k-new,O,2024\n")
+
+
 def test_load_allowlist_missing_file(tmp_path):
     path = tmp_path / "none.csv"
     with pytest.raises(AllowListError, match="not found") as info:
@@ -517,6 +577,19 @@ async def test_poller_picks_up_change(keyfile, monkeypatch):
         assert holder.current.lookup(KEY_B).id == "bob"
     finally:
         task.cancel()
+
+
+async def test_a_replaced_list_is_freed_off_the_event_loop(keyfile, monkeypatch):
+    # Freeing a million entries in the loop would hold up every /auth answer meanwhile.
+    import threading
+    holder = AllowListHolder(keyfile(HEADER + f"alice,{KEY_A},Alice,2024\n", 20), 30)
+    old = holder.current
+    freed_in = []
+    monkeypatch.setattr(type(old), "release", lambda self: freed_in.append((self, threading.current_thread())))
+    keyfile(HEADER + f"bob,{KEY_B},Bob,2024\n", 10)
+    assert await holder.check_async() is True
+    assert holder.current.lookup(KEY_B).id == "bob"
+    assert freed_in == [(old, freed_in[0][1])] and freed_in[0][1] is not threading.main_thread()
 
 
 async def test_poller_survives_unexpected_error(keyfile, monkeypatch):
