@@ -373,7 +373,7 @@ def test_only_lf_and_cr_end_a_line():
     assert parse(HEADER + f"alice,{KEY_A},{owner},2024\n").lookup(KEY_A).owner == owner
 
 
-def test_many_keys_in_every_table():
+def test_many_keys_across_the_tables():
     rows = "".join(f"u{i},sk-shard-{i:06d},O,2024\n" for i in range(5000))
     al = parse(HEADER + rows)
     assert len(al) == 5000
@@ -589,7 +589,9 @@ async def test_a_replaced_list_is_freed_off_the_event_loop(keyfile, monkeypatch)
     keyfile(HEADER + f"bob,{KEY_B},Bob,2024\n", 10)
     assert await holder.check_async() is True
     assert holder.current.lookup(KEY_B).id == "bob"
-    assert freed_in == [(old, freed_in[0][1])] and freed_in[0][1] is not threading.main_thread()
+    assert len(freed_in) == 1
+    freed, thread = freed_in[0]
+    assert freed is old and thread is not threading.main_thread()
 
 
 async def test_poller_survives_unexpected_error(keyfile, monkeypatch):
