@@ -579,6 +579,20 @@ async def test_poller_picks_up_change(keyfile, monkeypatch):
         task.cancel()
 
 
+def test_a_list_loaded_at_start_or_on_reload_is_kept_out_of_the_collectors_scans(keyfile):
+    # A full collection over a million entries holds the GIL for ~0.8 s: /auth would stall.
+    import gc
+    rows = "".join(f"u{i},sk-gc-{i:06d},O,2024\n" for i in range(2000))
+    before = gc.get_freeze_count()
+    holder = AllowListHolder(keyfile(HEADER + rows, 20), 30)
+    assert gc.get_freeze_count() - before >= 2000 and gc.isenabled()
+    old = holder.current  # kept alive: its frozen entries would leave the count when freed
+    keyfile(HEADER + rows + f"bob,{KEY_B},Bob,2024\n", 10)
+    before = gc.get_freeze_count()
+    assert holder.check() is True and holder.current is not old
+    assert gc.get_freeze_count() - before >= 2001 and gc.isenabled()
+
+
 async def test_a_replaced_list_is_freed_off_the_event_loop(keyfile, monkeypatch):
     # Freeing a million entries in the loop would hold up every /auth answer meanwhile.
     import threading
