@@ -30,7 +30,7 @@ PARSE_SWITCH_INTERVAL = 0.0005
 # The file is decoded this much at a time, and its entries held in this many tables (AllowList):
 # each step then holds the GIL briefly, and /auth keeps answering during a big reload.
 PIECE_BYTES = 256 * 1024
-SHARDS = 256
+SHARDS = 256  # one per value of a key digest's first byte, which picks the table
 _SHA256_FORM = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
 
@@ -177,8 +177,10 @@ def load_outside_gc(path: Path) -> AllowList:
     is built (calls over 0.1 s during a 1M-row reload: 8-12 with the collector on, 2 without),
     and at each later full collection (797 ms for a list of a million, stalling /auth). They hold
     no reference cycles: build them with the collector paused and, once built, set everything
-    there is aside from its scans for good.
+    there is aside from its scans for good. Garbage set aside would never be freed: collected
+    first (cheap: the list in force is already set aside).
     """
+    gc.collect()
     gc.disable()
     try:
         fresh = load_allowlist(path)

@@ -593,6 +593,21 @@ def test_a_list_loaded_at_start_or_on_reload_is_kept_out_of_the_collectors_scans
     assert gc.get_freeze_count() - before >= 2001 and gc.isenabled()
 
 
+def test_garbage_is_collected_before_a_list_is_set_aside_from_the_collector(keyfile):
+    # Set aside with the list, a reference cycle would never be freed.
+    import weakref
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.me = cycle
+    alive = weakref.ref(cycle)
+    del cycle
+    AllowListHolder(keyfile(HEADER + f"alice,{KEY_A},Alice,2024\n", 20), 30)
+    assert alive() is None
+
+
 async def test_a_replaced_list_is_freed_off_the_event_loop(keyfile, monkeypatch):
     # Freeing a million entries in the loop would hold up every /auth answer meanwhile.
     import threading
