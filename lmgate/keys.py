@@ -1,13 +1,20 @@
-"""Finding the caller's API key in a request, the way each provider's SDK sends it."""
+"""Finding the caller's API key in a request, in every place a provider reads one from."""
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
+
+from lmgate.providers import KEY_HEADERS, KEY_PARAMS
 
 
 class KeyProblem(Exception):
     """The request carries no usable key; the message says why (safe to show: it holds no key)."""
+
+
+# Query parameters are split on both separators a server may honour.
+_QUERY_SEPARATOR = re.compile(r"[&;]")
 
 
 def _all(headers: Mapping[str, str], name: str) -> list[str]:
@@ -19,24 +26,39 @@ def _all(headers: Mapping[str, str], name: str) -> list[str]:
     return [] if value is None else [value]
 
 
+def query_credentials(query: str) -> list[str]:
+    """The values of every credential parameter (lmgate.providers.KEY_PARAMS) in a query string,
+    their names percent-decoded as Google decodes them (`?k%65y=` is `key`)."""
+    found = []
+    for part in _QUERY_SEPARATOR.split(query):
+        name, _, value = part.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if name in KEY_PARAMS:
+            found.append(unquote_plus(value) if "%" in value or "+" in value else value)
+    return found
+
+
 def extract_key(headers: Mapping[str, str], query: str) -> str:
     """Return the single API key the request carries, or raise KeyProblem.
 
-    Looked for, in this order: `Authorization: Bearer`, `x-api-key`, `x-goog-api-key`, the `key`
-    query parameter. A request carrying two different keys is refused: the gate must approve exactly
-    the credential the provider will bill, whichever of them the provider reads.
+    Every credential place of every provider counts (lmgate.providers: headers, and query
+    parameters with decoded names). A request carrying two different credentials is refused: the
+    gate must approve exactly the credential the provider will bill, whichever it reads.
     """
     found: list[str] = []
-    for authorization in _all(headers, "Authorization"):
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or " " in token:
-            raise KeyProblem("the Authorization header must be 'Bearer <key>'")
-        found.append(token)
-    for name in ("x-api-key", "x-goog-api-key"):
-        found.extend(value.strip() for value in _all(headers, name))
-    if query and "key=" in query:
-        found.extend(v for k, v in parse_qsl(query, keep_blank_values=True) if k == "key")
+    for name in KEY_HEADERS:
+        for value in _all(headers, name):
+            if name == "authorization":
+                scheme, _, token = value.strip().partition(" ")
+                token = token.strip()
+                if scheme.lower() != "bearer" or not token or " " in token:
+                    raise KeyProblem("the Authorization header must be 'Bearer <key>'")
+                found.append(token)
+            else:
+                found.append(value.strip())
+    if query:
+        found.extend(query_credentials(query))
     keys = set(found)
     keys.discard("")
     if not keys:
@@ -44,3 +66,5 @@ def extract_key(headers: Mapping[str, str], query: str) -> str:
     if len(keys) > 1:
         raise KeyProblem("the request carries more than one different API key")
     return keys.pop()
+
+

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lmgate.providers import PROVIDERS, error_body
+from lmgate.providers import KEY_HEADERS, KEY_PARAMS, PROVIDERS, error_body
 from lmgate.settings import Settings
 from lmgate.spool import SPOOL_PREFIX, SPOOL_SUFFIX
 
@@ -108,7 +108,7 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
         "TOO_LARGE_BODY": (413, f"LMGate refused the request: the body is larger than "
                                 f"{settings.proxy.max_body_size}.", "lmgate_request_too_large"),
         "BAD_PATH_BODY": (400, "LMGate refused the request: the path must start with /<provider>/ as sent, "
-                               "without '..' or '//' tricks.", "lmgate_bad_path"),
+                               "without '.' or '..' segments (encoded or not) or '//' tricks.", "lmgate_bad_path"),
     }
     values = {key: _nginx_string(error_body(api, status, message, kind))
               for key, (status, message, kind) in messages.items()}
@@ -197,6 +197,8 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "NJS_SCRIPT": str(NGINX_DIR / "lmgate.js"),
         "CAPTURE_HEAD_BYTES": str(settings.stats.capture_head_bytes),
         "CAPTURE_TAIL_BYTES": str(settings.stats.capture_tail_bytes),
+        "KEY_HEADERS": ",".join(KEY_HEADERS),
+        "KEY_PARAMS": ",".join(sorted(KEY_PARAMS)),
         "SIDECAR_ADDRESS": f"{sidecar}:{settings.server.port}",
         "SPOOL_DIR": str(settings.stats.spool_dir.resolve()),
         "AUTH_TIMEOUT": f"{settings.server.auth_timeout_ms}ms",

@@ -1,4 +1,4 @@
-"""Provider facts, in one place: URL prefix, response format and error shape.
+"""Provider facts, in one place: URL prefix, response format, where keys travel, error shape.
 
 The upstream URLs are configuration (config/lmgate.yaml); which token fields each format reports is
 in lmgate/usage.py, keyed by the `api` named here.
@@ -15,17 +15,32 @@ class Provider:
     name: str  # also the URL prefix: /<name>/...
     api: str   # response format: "openai", "anthropic" or "google"
     description: str
+    # Every place the provider (or an upstream speaking its API) reads a credential from: header
+    # names (lower case) and query parameter names (after percent-decoding, as Google decodes them).
+    key_headers: tuple[str, ...]
+    key_params: tuple[str, ...] = ()
 
+
+_GOOGLE_HEADERS = ("x-goog-api-key", "authorization")
+# An API key (`key`) or an OAuth access token (`access_token`, and its old name `oauth_token`).
+_GOOGLE_PARAMS = ("key", "access_token", "oauth_token")
 
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
-        Provider("openai", "openai", "OpenAI API"),
-        Provider("anthropic", "anthropic", "Anthropic API"),
-        Provider("google", "google", "Google Vertex AI"),
-        Provider("gemini", "google", "Google Gemini API"),
+        # OpenAI-compatible upstreams such as Azure OpenAI read `api-key`.
+        Provider("openai", "openai", "OpenAI API", ("authorization", "api-key")),
+        # Authorization: Bearer carries OAuth tokens (Claude subscriptions).
+        Provider("anthropic", "anthropic", "Anthropic API", ("x-api-key", "authorization")),
+        Provider("google", "google", "Google Vertex AI", _GOOGLE_HEADERS, _GOOGLE_PARAMS),
+        Provider("gemini", "google", "Google Gemini API", _GOOGLE_HEADERS, _GOOGLE_PARAMS),
     )
 }
+
+# The gate reads every provider's places on every call: a credential an upstream might read where
+# its provider would not (a proxy, another gateway) can then only make the gate refuse more.
+KEY_HEADERS: tuple[str, ...] = tuple(dict.fromkeys(h for p in PROVIDERS.values() for h in p.key_headers))
+KEY_PARAMS: frozenset[str] = frozenset(q for p in PROVIDERS.values() for q in p.key_params)
 
 
 def error_body(api: str, status: int, message: str, kind: str) -> str:

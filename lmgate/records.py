@@ -142,7 +142,7 @@ def _cut_usage(meta: dict[str, str], api: str, provider_path: str, status: int, 
 
 
 # The metadata fields of the spool line that are read (nginx writes each as a string).
-_FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err", "ct", "n")
+_FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err", "ra", "ct", "n")
 
 
 def _load_line(line: bytes) -> tuple[dict[str, str], bytes]:

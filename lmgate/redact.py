@@ -12,8 +12,10 @@ import re
 
 from lmgate.allowlist import mask_key
 
-# A whole query string: a key can hide behind any parameter name, encoded or not (ke%79=...).
-_QUERY = re.compile(r"\?[^\s\"']+")
+# A whole query string: a key can hide behind any parameter name, encoded or not (ke%79=...),
+# and behind any character but the ASCII space, which nginx (>= 1.21.1) refuses in a request line;
+# a quote that closes nginx's quoted field is kept.
+_QUERY = re.compile(r"\?[^ \r\n]+")
 # Credential header values, as nginx or a library may quote them: "Authorization: Bearer X",
 # "x-api-key: X", also inside Python reprs (b'...').
 _HEADER = re.compile(r"(?i)\b(authorization|x-api-key|x-goog-api-key)(\s*[:=]\s*)(bearer\s+|basic\s+)?([^\s\"',\\]+)")
@@ -21,9 +23,14 @@ _BEARER = re.compile(r"(?i)\b(bearer\s+)([^\s\"',\\]+)")
 
 
 def redact(text: str) -> str:
-    text = _QUERY.sub("?<query hidden>", text)
+    text = _QUERY.sub(_hide_query, text)
     text = _HEADER.sub(lambda m: m.group(1) + m.group(2) + (m.group(3) or "") + mask_key(m.group(4)), text)
     return _BEARER.sub(lambda m: m.group(1) + mask_key(m.group(2)), text)
+
+
+def _hide_query(match: re.Match[str]) -> str:
+    query = match.group()
+    return "?<query hidden>" + ('",' if query.endswith('",') else '"' if query.endswith('"') else "")
 
 
 class RedactingFormatter(logging.Formatter):

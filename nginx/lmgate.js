@@ -75,45 +75,99 @@ function body(r) {
         tail.toString('base64');
 }
 
-// The /auth cache key: a hash of every header and the query string the sidecar may read a key
-// from, or "" when there is none (then nothing is cached). Two requests the sidecar may answer
-// differently must never get the same hash.
+// The /auth cache key: a hash of every credential header (the names come from lmgate/providers.py,
+// rendered into $lmgate_key_headers) and of the whole query string, or "" when there is none
+// (then nothing is cached). Two requests the sidecar may answer differently must never get the
+// same hash: the query counts whole, as a key can hide behind any encoding of a parameter name.
 function authHash(r) {
+    var names = r.variables.lmgate_key_headers.split(',');
     var h = r.headersIn;
-    // nginx refuses a repeated Authorization header; njs joins repeats of other headers with ","
-    // (test_a_cached_yes_never_answers_a_request_with_other_key_material holds the njs in use to
+    var s = '';
+    var comma = false;
+    for (var i = 0; i < names.length; i++) {
+        var value = h[names[i]];
+        if (value !== undefined) {
+            s += names[i] + ':' + value + '\n';
+            comma = comma || value.indexOf(',') >= 0;
+        }
+    }
+    // njs joins repeats of a header with "," (nginx refuses a repeated Authorization;
+    // test_a_cached_yes_never_answers_a_request_with_other_key_material holds the njs in use to
     // it). A comma is in no real key, so without one each value is one header, read exactly.
-    var xKey = h['X-Api-Key'];
-    var googKey = h['X-Goog-Api-Key'];
-    var s = (xKey !== undefined && xKey.indexOf(',') >= 0) ||
-            (googKey !== undefined && googKey.indexOf(',') >= 0)
-        ? everyKeyHeader(r)
-        : keyHeader('authorization', h.authorization) + keyHeader('x-api-key', xKey) +
-          keyHeader('x-goog-api-key', googKey);
+    if (comma) {
+        s = everyKeyHeader(r, names);
+    }
     var uri = r.variables.request_uri;
     var q = uri.indexOf('?');
-    if (q >= 0 && uri.indexOf('key=', q) >= 0) {
+    if (q >= 0) {
         s += uri.slice(q);
     }
     return s === '' ? '' : crypto.createHash('sha256').update(s).digest('base64url');
 }
 
-function keyHeader(name, value) {
-    return value === undefined ? '' : name + ':' + value + '\n';
-}
-
-// Each copy of each key header as sent, in order: the rare request with a comma in one. Reading
-// every header costs ~2 us, so it is not done for every call.
-function everyKeyHeader(r) {
+// Each copy of each credential header as sent, in order: the rare request with a comma in one.
+// Reading every header costs ~2 us, so it is not done for every call.
+function everyKeyHeader(r, names) {
     var h = r.rawHeadersIn;
     var s = '';
     for (var i = 0; i < h.length; i++) {
         var name = h[i][0].toLowerCase();
-        if (name === 'authorization' || name === 'x-api-key' || name === 'x-goog-api-key') {
-            s += '*' + keyHeader(name, h[i][1]);
+        if (names.indexOf(name) >= 0) {
+            s += '*' + name + ':' + h[i][1] + '\n';
         }
     }
     return s;
 }
 
-export default {authHash, capture, body};
+// For the record of a refused call (evaluated only then): the masked form of every different
+// credential the request carried, headers first, the way lmgate.allowlist.mask_key masks
+// (the last 6 characters), percent-encoded for the spool line. Needs no sidecar.
+function maskedKeys(r) {
+    var names = r.variables.lmgate_key_headers.split(',');
+    var h = r.rawHeadersIn;
+    var found = [];
+    for (var i = 0; i < h.length; i++) {
+        var name = h[i][0].toLowerCase();
+        if (names.indexOf(name) >= 0) {
+            var value = h[i][1].trim();
+            if (name === 'authorization') {
+                value = value.slice(value.indexOf(' ') + 1).trim();
+            }
+            found.push(value);
+        }
+    }
+    var params = r.variables.lmgate_key_params.split(',');
+    var uri = r.variables.request_uri;
+    var q = uri.indexOf('?');
+    var parts = q >= 0 ? uri.slice(q + 1).split(/[&;]/) : [];
+    for (var j = 0; j < parts.length; j++) {
+        var eq = parts[j].indexOf('=');
+        if (eq > 0 && params.indexOf(decode(parts[j].slice(0, eq))) >= 0) {
+            found.push(decode(parts[j].slice(eq + 1)));
+        }
+    }
+    var masked = [];
+    for (var k = 0; k < found.length; k++) {
+        if (found[k] !== '') {
+            var m = found[k].length > 12 ? '...' + found[k].slice(-6) : '...';
+            if (masked.indexOf(m) < 0) {
+                masked.push(m);
+            }
+        }
+    }
+    try {
+        return encodeURIComponent(masked.join(','));
+    } catch (e) {  // not text (a lone surrogate)
+        return '...';
+    }
+}
+
+function decode(text) {
+    try {
+        return decodeURIComponent(text.replace(/\+/g, ' '));
+    } catch (e) {
+        return text;
+    }
+}
+
+export default {authHash, maskedKeys, capture, body};

@@ -345,10 +345,19 @@ PATH_CASES = [
     ("*", 400, None),
     # Allowed, and forwarded byte for byte to the provider the raw path names.
     ("/openai/v1/chat%2Fcompletions", 200, "openai"),
-    ("/openai/v1/./models", 200, "openai"),
-    ("/openai/v1/x/../models", 200, "openai"),
+    # Dot segments, encoded or not, would leave an upstream's own path: refused.
+    ("/openai/v1/./models", 400, None),
+    ("/openai/v1/x/../models", 400, None),
+    ("/google/a/../../google/v1/models", 400, None),
+    ("/google/a/%2e%2E/%2E./google/v1/models", 400, None),
+    ("/gemini/a/.%2e/v1/models", 400, None),
+    ("/gemini/v1/%2e/models", 400, None),
+    ("/gemini/v1/models/..", 400, None),
+    ("/gemini/v1/models/.?alt=sse", 400, None),
+    ("/openai/v1/a%2F..%2Fmodels", 400, None),
     ("/openai//v1/models", 200, "openai"),
     ("/openai/v1/models?x=/../anthropic/", 200, "openai"),
+    ("/openai/v1/.well/..x/models.", 200, "openai"),
     ("http://127.0.0.1/anthropic/v1/messages", 200, "anthropic"),  # absolute form: the path counts
     ("http://api.openai.com/gemini/v1beta/models", 200, "gemini"),
     ("/google/v1/projects/p/locations/l/publishers/anthropic/models/claude:rawPredict", 200, "google"),
@@ -512,6 +521,18 @@ KEY_PLACES = [
     ("anthropic", [("x-api-key", ALICE_KEY), ("x-api-key", "")], "", 200),
     ("gemini", [("X-Goog-Api-Key", ALICE_KEY)], f"?KEY={UNLISTED_KEY}", 200),  # only `key` is a key
     ("anthropic", [("x_api_key", UNLISTED_KEY), ("x-api-key", ALICE_KEY)], "", 200),  # '_' headers dropped
+    # Every place a provider reads a credential from counts (lmgate/providers.py): a listed key in
+    # a header Google ignores never carries an unchecked key or token in the query.
+    ("gemini", [("x-api-key", ALICE_KEY)], f"?%6Bey={UNLISTED_KEY}", 403),
+    ("gemini", [("x-api-key", ALICE_KEY)], f"?k%65y={UNLISTED_KEY}", 403),
+    ("google", [("x-api-key", ALICE_KEY)], f"?%6b%65%79={UNLISTED_KEY}", 403),
+    ("google", [("x-api-key", ALICE_KEY)], f"?access_token={UNLISTED_KEY}", 403),
+    ("gemini", [("x-api-key", ALICE_KEY)], f"?oauth_token={UNLISTED_KEY}", 403),
+    ("gemini", [("x-goog-api-key", ALICE_KEY)], f"?alt=sse;key={UNLISTED_KEY}", 403),
+    ("openai", [("Authorization", f"Bearer {ALICE_KEY}"), ("api-key", UNLISTED_KEY)], "", 403),
+    ("gemini", [], f"?k%65y={ALICE_KEY}", 200),
+    ("google", [], f"?access_token={ALICE_KEY}&alt=sse", 200),
+    ("openai", [("api-key", ALICE_KEY)], "", 200),
     # nginx itself refuses a repeated Authorization header.
     ("openai", [("Authorization", f"Bearer {ALICE_KEY}"), ("Authorization", f"Bearer {BOB_KEY}")], "", 400),
 ]
@@ -554,6 +575,43 @@ def test_a_cached_yes_never_answers_a_request_with_other_key_material(own_gate, 
     mock_upstream.reply("/v1/cache-keys", body=b'{"ok":true}')
     got = [post_with_headers(g.port, "/anthropic/v1/cache-keys", headers)[0] for headers, _ in CACHE_STEPS]
     assert got == [status for _, status in CACHE_STEPS]
+
+
+def test_a_cached_yes_never_answers_a_request_with_other_credentials_in_the_query(own_gate, mock_upstream):
+    """The query counts whole in the /auth cache key, whatever encoding hides a parameter's name."""
+    g = own_gate(LMGATE_AUTH__CACHE_SECONDS="60")
+    mock_upstream.reply("/v1beta/cache-query", body=b'{"ok":true}')
+    steps = [("", 200), (f"?%6Bey={UNLISTED_KEY}", 403), ("", 200), (f"?access_token={UNLISTED_KEY}", 403),
+             ("?alt=sse", 200), (f"?alt=sse&k%65y={UNLISTED_KEY}", 403)]
+    got = [post_with_headers(g.port, f"/gemini/v1beta/cache-query{query}", [("x-api-key", ALICE_KEY)])[0]
+           for query, _ in steps]
+    assert got == [status for _, status in steps]
+
+
+def test_refused_calls_record_the_masked_keys_they_carried(own_gate):
+    """An auditor can tell whose calls were refused: unlisted, conflicting, none."""
+    g = own_gate()
+    mark = g.mark()
+    assert post_with_headers(g.port, "/openai/v1/x", [("Authorization", f"Bearer {UNLISTED_KEY}")])[0] == 403
+    assert post_with_headers(g.port, f"/gemini/v1/x?k%65y={UNLISTED_KEY}", [("x-api-key", ALICE_KEY)])[0] == 403
+    assert post_with_headers(g.port, "/anthropic/v1/x", [])[0] == 403
+    records = g.new_records(mark, 3)
+    assert [r["masked_key"] for r in records] == [
+        "..." + UNLISTED_KEY[-6:], f"...{ALICE_KEY[-6:]},...{UNLISTED_KEY[-6:]}", None]
+    assert [r["error_type"] for r in records] == ["forbidden"] * 3
+    # While the sidecar is down: tests/e2e/test_spool.py (calls refused while the sidecar is down).
+
+
+def test_a_key_behind_a_quote_in_the_query_never_reaches_the_log(own_gate):
+    """nginx logs the request line for bodies past its memory buffer (and for upstream errors);
+    the whole query is hidden, whatever characters it holds."""
+    g = own_gate(LMGATE_PROVIDERS__GEMINI__UPSTREAM=f"http://127.0.0.1:{closed_port()}")
+    for query in (f"?x='&key={ALICE_KEY}", f'?x="&key={ALICE_KEY}', f"?x=\u00a0&key={ALICE_KEY}"):
+        raw = get(f"/gemini/v1beta/models/m:generateContent{query}", headers={"x-goog-api-key": ALICE_KEY},
+                  method="POST", body=b"x" * 2_000_000)
+        raw_request(g.port, raw)
+    wait_until(lambda: g.log().count("a client request body is buffered") >= 3, 5, "nginx's request lines")
+    assert find_leaks(gate_outputs(g)) == []
 
 
 def test_sidecar_survived_every_hostile_request(routed):

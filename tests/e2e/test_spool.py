@@ -54,6 +54,8 @@ def test_calls_refused_while_the_sidecar_is_down_are_recorded_once_it_is_back(mo
         assert [r["error_type"] for r in records] == ["gate_unavailable"] * 5
         assert {r["endpoint"] for r in records} == {"/openai/v1/spool/outage"}
         assert all(r["status"] == 403 and r["lmgate_id"] is None for r in records)
+        # nginx masks the key itself: an auditor still sees whose calls were refused.
+        assert {r["masked_key"] for r in records} == {"..." + ALICE_KEY[-6:]}
         # Calls once it is back are recorded as usual, after the backlog.
         assert call(g, "/v1/spool/outage", ALICE_KEY) == [200]
         latest = g.new_records(5, 1)[-1]

@@ -16,7 +16,7 @@ from lmgate.spool import SLOT_SECONDS
 
 # The metadata fields of the log format, in its order (the JSON before the tab; the capture
 # follows the tab).
-FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err", "ct", "n")
+FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err", "ra", "ct", "n")
 # What nginx.conf.template's map sends to the escaped format: a control character, '"' or '\'
 # in the path or the content type.
 _NEEDS_ESCAPE = re.compile(rb'[\x00-\x1f"\\]')
@@ -71,7 +71,7 @@ def body_flags(line: bytes) -> str:
 def spool_line(body: bytes = b"", *, rid: str = "0123abcd", id: str = "alice", own: str = "Alice",
                mk: str = "...abcdef", p: str = "openai", m: str = "POST",
                u: str | bytes = "/openai/v1/chat/completions", s: int | str = 200, done: bool = True,
-               t: str = "1.250", ts: str = "1700000000.500", err: str = "", ct: str | bytes = "application/json",
+               t: str = "1.250", ts: str = "1700000000.500", err: str = "", ra: str = "127.0.0.1", ct: str | bytes = "application/json",
                n: int | None = None, last: bool = True, head_max: int = 16384, tail_max: int = 65536,
                fields: dict[str, str] | None = None) -> bytes:
     """One spool line (no newline) for a call, filled in as nginx's log format does: every value a
@@ -82,7 +82,7 @@ def spool_line(body: bytes = b"", *, rid: str = "0123abcd", id: str = "alice", o
     values: dict[str, str | bytes] = {
         "rid": rid, "id": sidecar_encoded(id), "own": sidecar_encoded(own), "mk": sidecar_encoded(mk),
         "p": p, "m": m, "u": u, "s": str(s), "done": "OK" if done else "", "t": t, "ts": ts, "err": err,
-        "ct": ct, "n": str(len(body) if n is None else n), "body": capture(body, head_max, tail_max, last),
+        "ra": ra, "ct": ct, "n": str(len(body) if n is None else n), "body": capture(body, head_max, tail_max, last),
         **(fields or {}),
     }
     raw = {k: v if isinstance(v, bytes) else v.encode() for k, v in values.items()}

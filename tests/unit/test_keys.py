@@ -60,9 +60,39 @@ def test_other_query_parameters_named_like_key_are_not_keys():
 
 
 def test_unrelated_headers_ignored():
-    hdrs = headers(("x-api-key", KEY), ("Cookie", f"key={OTHER}"), ("api-key", OTHER),
+    hdrs = headers(("x-api-key", KEY), ("Cookie", f"key={OTHER}"), ("x-goog-user-project", OTHER),
                    ("X-LMGate-ID", "admin"), ("anthropic-version", "2023-06-01"))
     assert extract_key(hdrs, "alt=sse") == KEY
+
+
+# Every place a provider reads a credential from (lmgate.providers), beside a listed key in a
+# header: each must be seen, or an unchecked credential reaches the provider.
+@pytest.mark.parametrize("hdrs,query", [
+    (headers(("x-api-key", KEY)), f"%6Bey={OTHER}"),
+    (headers(("x-api-key", KEY)), f"k%65y={OTHER}"),
+    (headers(("x-api-key", KEY)), f"%6b%65%79={OTHER}"),
+    (headers(("x-api-key", KEY)), f"access_token={OTHER}"),
+    (headers(("x-api-key", KEY)), f"oauth_token={OTHER}"),
+    (headers(("x-api-key", KEY)), f"access%5Ftoken={OTHER}"),
+    (headers(("x-api-key", KEY)), f"alt=sse;key={OTHER}"),
+    (headers(("x-goog-api-key", KEY)), f"x=%27&key={OTHER}"),
+    (headers(("Authorization", f"Bearer {KEY}"), ("api-key", OTHER)), ""),
+    (headers(("api-key", KEY), ("api-key", OTHER)), ""),
+    (headers(("x-api-key", KEY), ("Authorization", f"Bearer {OTHER}")), ""),
+])
+def test_a_second_credential_in_any_place_a_provider_reads_is_refused(hdrs, query):
+    assert "more than one" in problem(hdrs, query)
+
+
+@pytest.mark.parametrize("hdrs,query", [
+    (headers(("api-key", KEY)), ""),
+    (headers(), f"access_token={KEY}"),
+    (headers(), f"oauth_token={KEY}"),
+    (headers(), f"%6Bey={KEY}"),
+    (headers(("x-goog-api-key", KEY)), f"k%65y={KEY}&alt=sse"),
+])
+def test_each_credential_place_alone_is_read(hdrs, query):
+    assert extract_key(hdrs, query) == KEY
 
 
 # ---------------------------------------------------------------- agreement

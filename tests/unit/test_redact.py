@@ -19,6 +19,12 @@ KEY = "sk-lmgate-test-redact-0123456789abcdef"
     f"aiohttp: Got more than 8190 bytes when reading: b'X-Goog-Api-Key: {KEY}xxxxxxxx'",
     f"Authorization={KEY}",
     f"bearer {KEY}",
+    # Quotes and non-ASCII spaces end nothing: only the ASCII space ends a query in a request line.
+    f'request: "POST /gemini/v1beta/models/m:generateContent?x=\'&key={KEY} HTTP/1.1"',
+    f'request: "POST /gemini/v1beta/models/m:generateContent?x="&key={KEY} HTTP/1.1"',
+    f'request: "POST /gemini/v1beta/models/m:generateContent?x=\u00a0&key={KEY} HTTP/1.1"',
+    f'request: "POST /gemini/v1beta/models/m:generateContent?x=\u2028&key={KEY} HTTP/1.1"',
+    f'request: "GET /gemini/x?a=",upstream:"&access_token={KEY} HTTP/1.1", host: "x"',
 ])
 def test_no_full_key_survives(line):
     out = redact(line)
@@ -29,6 +35,8 @@ def test_no_full_key_survives(line):
 def test_masked_value_keeps_the_last_six_characters_for_tracing():
     assert redact(f'"x-api-key: {KEY}"') == f'"x-api-key: ...{KEY[-6:]}"'
     assert redact("GET /openai/v1/models?limit=5 HTTP/1.1") == "GET /openai/v1/models?<query hidden> HTTP/1.1"
+    assert (redact('upstream: "http://h/v1/x?alt=sse", host: "h"')
+            == 'upstream: "http://h/v1/x?<query hidden>", host: "h"')
 
 
 def test_text_without_credentials_is_unchanged():
