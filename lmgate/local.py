@@ -7,7 +7,9 @@ and its sidecar service runs `lmgate serve`.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import re
 import signal
 import socket
@@ -53,6 +55,7 @@ class NginxProcess:
         self.settings = settings
         self.runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
         self.binary = find_nginx(settings.proxy.nginx_binary)
+        self._lock = lock_runtime_dir(self.runtime_dir)
         self.conf = write_config(settings, self.runtime_dir / "nginx.conf", self.runtime_dir)
         self.proc: subprocess.Popen | None = None
         hosts = {urlsplit(p.upstream).hostname for p in settings.providers.values()}
@@ -114,6 +117,27 @@ class NginxProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def lock_runtime_dir(runtime_dir: Path) -> int:
+    """Hold the runtime folder for this process's life (the descriptor returned), or raise
+    StartError: two gates writing one nginx.conf and pid file would reload each other's config."""
+    try:
+        runtime_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(runtime_dir / "lmgate.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StartError(f"proxy.runtime_dir: cannot use {runtime_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise StartError(f"another LMGate (pid {holder}) is running with the runtime folder {runtime_dir}; "
+                         f"stop it, or give this one its own with proxy.runtime_dir "
+                         f"(LMGATE_PROXY__RUNTIME_DIR)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def run_nginx(settings: Settings) -> int:

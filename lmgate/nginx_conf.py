@@ -246,6 +246,15 @@ def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None)
     info = os.lstat(temp_dir)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise RenderError(f"{temp_dir} exists but is not a folder owned by this user; remove it")
+    if user is not None:
+        # nginx's master makes the folders inside and gives them to the workers; the workers must
+        # still get through every folder above (a private TMPDIR, as `mktemp -d` makes, is not).
+        closed = closed_to(temp_dir, user)
+        if closed is not None:
+            raise RenderError(
+                f"nginx's workers (user {user.split()[0]}, as LMGate runs as root) cannot reach their temp "
+                f"folder {temp_dir} because {closed} is closed to them; set TMPDIR to a folder they can "
+                f"enter (e.g. /tmp), or run LMGate as a regular user")
     _prepare_spool(settings.stats.spool_dir.resolve(), user)
     text = render(settings, runtime_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -274,10 +283,32 @@ def _prepare_spool(folder: Path, user: str | None) -> None:
         raise RenderError(f"stats.spool_dir: cannot prepare {folder}: {exc.strerror or exc}") from None
     if user is None:
         return
-    for above in folder.parents:
-        mode = os.stat(above).st_mode
-        if not mode & stat.S_IXOTH:
-            raise RenderError(
-                f"stats.spool_dir: nginx's workers (user {name}, as LMGate runs as root) cannot reach "
-                f"{folder} because {above} is closed to them; run LMGate as a regular user, or set "
-                f"stats.spool_dir (LMGATE_STATS__SPOOL_DIR) to a folder under /var/spool or /tmp")
+    closed = closed_to(folder, user)
+    if closed is not None:
+        raise RenderError(
+            f"stats.spool_dir: nginx's workers (user {name}, as LMGate runs as root) cannot reach "
+            f"{folder} because {closed} is closed to them; run LMGate as a regular user, or set "
+            f"stats.spool_dir (LMGATE_STATS__SPOOL_DIR) to a folder under /var/spool or /tmp")
+
+
+def closed_to(folder: Path, user: str) -> Path | None:
+    """The first of `folder` and the folders above it that `user` ("name [group]") cannot enter,
+    by the owner, group and other permission bits; None when the user gets through."""
+    name, _, group = user.partition(" ")
+    worker = pwd.getpwnam(name)
+    gids = {worker.pw_gid, *(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)}
+    if group:
+        gids.add(grp.getgrnam(group).gr_gid)
+    for path in (*reversed(folder.parents), folder):
+        info = os.stat(path)
+        if worker.pw_uid == 0:
+            continue
+        if info.st_uid == worker.pw_uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid in gids:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return path
+    return None
