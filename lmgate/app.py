@@ -22,6 +22,7 @@ from aiohttp import web
 from lmgate import records
 from lmgate.allowlist import AllowListHolder, mask_key
 from lmgate.keys import KeyProblem, extract_key
+from lmgate.refusals import RefusalFolder
 from lmgate.settings import Settings, size_bytes
 from lmgate.spool import SpoolReader
 from lmgate.writer import StatsWriter, request_ids_after
@@ -57,6 +58,9 @@ AUTH_REFRESH_SECONDS = 1
 _AUTH_CACHE_CONTROL = f"stale-while-revalidate={AUTH_REFRESH_SECONDS}"
 # Header through which nginx hands the original request's URI (for the `key` parameter) to /auth.
 QUERY_HEADER = "X-LMGate-Query"
+
+# Seconds after a refusal window's end before its folded record is written (lmgate/refusals.py).
+REFUSAL_LINES_LATE_SECONDS = 3.0
 
 SPOOL = web.AppKey("spool", SpoolReader)
 SPOOL_TASK = web.AppKey("spool_task", asyncio.Task)
@@ -120,25 +124,38 @@ def _writable_folder(folder) -> bool:
 
 
 class _Recorder:
-    """Spool line -> record -> stats writer, skipping calls already in the stats file."""
+    """Spool line -> record -> stats writer, skipping calls already in the stats file and folding
+    floods of refused calls (lmgate/refusals.py)."""
 
     def __init__(self, writer: StatsWriter) -> None:
         self.writer = writer
         self.skip: set[str] = set()
+        self.refusals = RefusalFolder(writer.add)
 
     def __call__(self, line: bytes) -> None:
-        record = records.from_spool(line, time.time())
+        meta, body = records.load_line(line)
+        record = records.from_meta(meta, body, time.time())
         if self.skip and record["request_id"] in self.skip:
             self.skip.discard(record["request_id"])
             return
-        self.writer.add(record)
+        if record["error_type"] is None or self.refusals.keep(record, meta.get("ra", ""),
+                                                              records.ended_at(meta, time.time())):
+            self.writer.add(record)
+
+
+RECORDER = web.AppKey("recorder", _Recorder)
 
 
 async def _read_spool(app: web.Application) -> None:
-    spool, writer = app[SPOOL], app[WRITER]
+    spool, writer, refusals = app[SPOOL], app[WRITER], app[RECORDER].refusals
     loop = asyncio.get_running_loop()
     lines_came = loop.time()
+    folds_due = 0.0
     while True:
+        if refusals.windows and loop.time() >= folds_due:
+            # Lines reach the spool up to a few seconds after their call ended.
+            refusals.close_ended(time.time() - REFUSAL_LINES_LATE_SECONDS)
+            folds_due = loop.time() + 1
         if writer.buffered >= MAX_PENDING_RECORDS:
             await asyncio.sleep(SPOOL_IDLE_POLL_SECONDS)
             continue
@@ -169,7 +186,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[WRITER] = writer
     # The spool reader lives with the writer: its checkpoint follows the writer's flushes, the
     # last one at shutdown included (spool_ctx only drives the reading).
-    recorder = _Recorder(writer)
+    recorder = app[RECORDER] = _Recorder(writer)
     spool = app[SPOOL] = SpoolReader(s.spool_dir, recorder, _max_spool_line(app[SETTINGS]))
     # Records written after the last checkpoint (the previous sidecar was killed between a flush
     # and its checkpoint): their lines come again, and are skipped.
@@ -204,6 +221,7 @@ async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
     deadline = time.monotonic() + SHUTDOWN_READ_SECONDS
     while app[SPOOL].read(BATCH * 8) and time.monotonic() < deadline:
         pass
+    app[RECORDER].refusals.close_all()
 
 
 def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web.Application:

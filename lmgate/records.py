@@ -71,13 +71,18 @@ def classify(status: int, nginx_error: str | None, usage_problem: str | None) ->
     return usage_problem
 
 
+def ended_at(meta: dict[str, str], received_at: float) -> float:
+    """When the call ended, as nginx says (else when its line was read)."""
+    return _float(meta.get("ts"), _MAX_EPOCH) or received_at
+
+
 def _record(meta: dict[str, str], path: str, status: int, usage: Usage, error_type: str | None,
             received_at: float, api: str, response_bytes: int) -> dict[str, Any]:
     """The record; `meta` values are already decoded, `path` is the endpoint."""
-    ended_at = _float(meta.get("ts"), _MAX_EPOCH) or received_at
-    duration = min(_float(meta.get("t"), _MAX_DURATION), ended_at)
+    end = ended_at(meta, received_at)
+    duration = min(_float(meta.get("t"), _MAX_DURATION), end)
     return {
-        "timestamp": iso_utc(ended_at - duration),
+        "timestamp": iso_utc(end - duration),
         "request_id": meta.get("rid") or None,
         "lmgate_id": meta.get("id") or None,
         "owner": meta.get("own") or None,
@@ -145,7 +150,7 @@ def _cut_usage(meta: dict[str, str], api: str, provider_path: str, status: int, 
 _FIELDS = ("rid", "id", "own", "mk", "p", "m", "u", "s", "done", "t", "ts", "err", "ra", "ct", "n")
 
 
-def _load_line(line: bytes) -> tuple[dict[str, str], bytes]:
+def load_line(line: bytes) -> tuple[dict[str, str], bytes]:
     """The metadata (JSON, its id/own/mk decoded) and the capture of a spool line (they are
     separated by a tab).
 
@@ -189,7 +194,11 @@ def _body(meta: dict[str, str], body: bytes) -> tuple[int, str, bytes, bytes | N
 def from_spool(line: bytes, received_at: float) -> dict[str, Any]:
     """The record for one call, from its spool line (nginx's access log, see
     nginx/nginx.conf.template). Raises ValueError for a line that is not one."""
-    meta, body = _load_line(line)
+    return from_meta(*load_line(line), received_at)
+
+
+def from_meta(meta: dict[str, str], body: bytes, received_at: float) -> dict[str, Any]:
+    """The record for one call, from a spool line's parts (load_line)."""
     provider = meta.get("p", "")
     path = meta.get("u", "").split("?", 1)[0]
     provider_path = _provider_path(path, provider)

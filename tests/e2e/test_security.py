@@ -614,6 +614,25 @@ def test_a_key_behind_a_quote_in_the_query_never_reaches_the_log(own_gate):
     assert find_leaks(gate_outputs(g)) == []
 
 
+def test_a_flood_of_refused_calls_is_recorded_with_a_bound_and_every_call_counted(own_gate, mock_upstream):
+    """An unauthenticated client cannot fill the stats disk: per client address, a few refusals a
+    window are recorded one by one, the rest in one record with their count (lmgate/refusals.py)."""
+    g = own_gate()
+    mock_upstream.reply("/v1/flood-ok", body=b'{"ok":true}')
+    with httpx.Client() as client:
+        refused = [client.post(g.base("openai") + "/v1/chat/completions", content=b"{}",
+                               headers=bearer(f"sk-flood-{i:012d}")).status_code for i in range(600)]
+        assert client.post(g.base("openai") + "/v1/flood-ok", headers=bearer(ALICE_KEY)).status_code == 200
+    assert refused == [403] * 600
+    assert g.stop() == 0  # the folded count still held is written at shutdown
+    records = g.records()
+    forbidden = [r for r in records if r["error_type"] == "forbidden"]
+    assert sum(r.get("folded_calls", 1) for r in forbidden) == 600
+    assert len(forbidden) <= 30  # 10 per address and 10 s window, and one folded record each
+    assert any(r.get("folded_calls", 0) > 100 for r in forbidden)
+    assert [r["lmgate_id"] for r in records if r["error_type"] is None] == ["alice"]
+
+
 def test_sidecar_survived_every_hostile_request(routed):
     status, body = readyz(routed)
     assert status == 200, body

@@ -388,14 +388,14 @@ async def test_bad_lines_are_counted_and_never_stop_the_next(make_gate, caplog):
 
 async def test_reader_survives_a_line_that_cannot_be_turned_into_a_record(make_gate, monkeypatch, caplog):
     import lmgate.records
-    real = lmgate.records.from_spool
+    real = lmgate.records.from_meta
 
-    def flaky(line, received_at):
-        if b'"rid":"boom"' in line:
+    def flaky(meta, body, received_at):
+        if meta["rid"] == "boom":
             raise RuntimeError("unreadable line")
-        return real(line, received_at)
+        return real(meta, body, received_at)
 
-    monkeypatch.setattr(lmgate.records, "from_spool", flaky)
+    monkeypatch.setattr(lmgate.records, "from_meta", flaky)
     gate = await make_gate()
     with caplog.at_level(logging.ERROR, logger="lmgate.spool"):
         for i in range(3):
