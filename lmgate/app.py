@@ -3,7 +3,8 @@
 Endpoints (never exposed through nginx's public port):
 - GET  /auth    yes/no for the key in the original request's headers; 200 carries X-LMGate-ID.
 - GET  /livez   the process answers.
-- GET  /readyz  the allow-list is loaded, the stats file's folder is writable, the spool is read.
+- GET  /readyz  the allow-list is loaded, the stats file's folder is writable, the spool is read,
+                and nginx's calls reach it (lmgate/canary.py).
 Records come from the spool folder that nginx appends to (lmgate/spool.py), read in batches off
 the request path.
 """
@@ -21,6 +22,7 @@ from aiohttp import web
 
 from lmgate import records
 from lmgate.allowlist import AllowListHolder, mask_key
+from lmgate.canary import Canary
 from lmgate.keys import KeyProblem, extract_key
 from lmgate.refusals import RefusalFolder
 from lmgate.settings import Settings, size_bytes
@@ -111,6 +113,8 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"spool: {spool.last_error}")
     if not _writable_folder(spool.folder):
         problems.append(f"spool: {spool.folder} is not writable")
+    if app[CANARY].problem:
+        problems.append(f"spool: {app[CANARY].problem}")
     body = {"ready": not problems, "allowlist_keys": len(holder.current),
             "stats_buffered": writer.buffered, "stats_written": writer.written,
             "spool_lines_read": spool.lines, "spool_bad_lines": spool.bad_lines,
@@ -127,13 +131,17 @@ class _Recorder:
     """Spool line -> record -> stats writer, skipping calls already in the stats file and folding
     floods of refused calls (lmgate/refusals.py)."""
 
-    def __init__(self, writer: StatsWriter) -> None:
+    def __init__(self, writer: StatsWriter, canary: Canary) -> None:
         self.writer = writer
+        self.canary = canary
         self.skip: set[str] = set()
         self.refusals = RefusalFolder(writer.add)
 
     def __call__(self, line: bytes) -> None:
         meta, body = records.load_line(line)
+        if meta.get("err") == "canary":
+            self.canary.seen(meta.get("u", ""))
+            return
         record = records.from_meta(meta, body, time.time())
         if self.skip and record["request_id"] in self.skip:
             self.skip.discard(record["request_id"])
@@ -144,10 +152,11 @@ class _Recorder:
 
 
 RECORDER = web.AppKey("recorder", _Recorder)
+CANARY = web.AppKey("canary", Canary)
 
 
 async def _read_spool(app: web.Application) -> None:
-    spool, writer, refusals = app[SPOOL], app[WRITER], app[RECORDER].refusals
+    spool, writer, refusals, canary = app[SPOOL], app[WRITER], app[RECORDER].refusals, app[CANARY]
     loop = asyncio.get_running_loop()
     lines_came = loop.time()
     folds_due = 0.0
@@ -172,6 +181,7 @@ async def _read_spool(app: web.Application) -> None:
             await asyncio.sleep(0)
             continue
         # The spool's end was reached.
+        canary.reader_at_end = loop.time()
         idle = loop.time() - lines_came >= SPOOL_IDLE_AFTER_SECONDS
         await asyncio.sleep(SPOOL_IDLE_POLL_SECONDS if idle else SPOOL_POLL_SECONDS)
 
@@ -186,7 +196,8 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[WRITER] = writer
     # The spool reader lives with the writer: its checkpoint follows the writer's flushes, the
     # last one at shutdown included (spool_ctx only drives the reading).
-    recorder = app[RECORDER] = _Recorder(writer)
+    canary = app[CANARY] = Canary(s.spool_dir.resolve())
+    recorder = app[RECORDER] = _Recorder(writer, canary)
     spool = app[SPOOL] = SpoolReader(s.spool_dir, recorder, _max_spool_line(app[SETTINGS]))
     # Records written after the last checkpoint (the previous sidecar was killed between a flush
     # and its checkpoint): their lines come again, and are skipped.
@@ -212,6 +223,13 @@ async def allowlist_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
 
 
+async def canary_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[CANARY].run_forever())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
     task = app[SPOOL_TASK] = asyncio.create_task(_read_spool(app))
     yield
@@ -235,6 +253,7 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app.cleanup_ctx.append(writer_ctx)
     app.cleanup_ctx.append(allowlist_ctx)
     app.cleanup_ctx.append(spool_ctx)
+    app.cleanup_ctx.append(canary_ctx)
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)

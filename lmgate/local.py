@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lmgate.allowlist import AllowListError, load_allowlist
-from lmgate.nginx_conf import RenderError, find_nginx, write_config
+from lmgate.nginx_conf import RenderError, find_nginx, remove_stale_socket, write_config
 from lmgate.redact import redact
 from lmgate.settings import Settings
 
@@ -103,6 +103,7 @@ class NginxProcess:
             raise StartError(f"nginx rejected the rendered config {self.conf}: {redact(reason)}")
 
     def start(self) -> None:
+        remove_stale_socket(self.settings)
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops nginx
         # gracefully (nginx takes SIGINT as "stop now").
         self.proc = subprocess.Popen(self._cmd(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

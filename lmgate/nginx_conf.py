@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from lmgate.canary import PATH_PREFIX as CANARY_PATH
+from lmgate.canary import SOCKET_NAME as CANARY_SOCKET_NAME
 from lmgate.providers import KEY_HEADERS, KEY_PARAMS, PROVIDERS, error_body
 from lmgate.settings import Settings
 from lmgate.spool import SPOOL_PREFIX, SPOOL_SUFFIX
@@ -128,6 +130,19 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
     return _fill(template, values)
 
 
+# The longest path a Unix socket address holds (sun_path, less its final NUL).
+_SOCKET_PATH_MAX = 107
+
+
+def canary_socket(settings: Settings) -> Path:
+    path = settings.stats.spool_dir.resolve() / CANARY_SOCKET_NAME
+    if len(str(path).encode()) > _SOCKET_PATH_MAX:
+        raise RenderError(f"stats.spool_dir: {path.parent} is too long a path for the socket nginx serves "
+                          f"the readiness canary on ({len(str(path).encode())} > {_SOCKET_PATH_MAX} bytes "
+                          f"with /{CANARY_SOCKET_NAME}); choose a shorter one")
+    return path
+
+
 def _auth_cache_zone(settings: Settings, temp_dir: Path) -> str:
     if settings.auth.cache_seconds <= 0:
         return "# auth.cache_seconds is 0: every call asks the sidecar"
@@ -201,6 +216,9 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "KEY_PARAMS": ",".join(sorted(KEY_PARAMS)),
         "SIDECAR_ADDRESS": f"{sidecar}:{settings.server.port}",
         "SPOOL_DIR": str(settings.stats.spool_dir.resolve()),
+        "CANARY_SOCKET": str(canary_socket(settings)),
+        "CANARY_PATH": CANARY_PATH,
+        "SPOOL_LOG": _spool_log(settings),
         "AUTH_TIMEOUT": f"{settings.server.auth_timeout_ms}ms",
         "AUTH_CACHE_ZONE": _auth_cache_zone(settings, temp_dir),
         "AUTH_CACHE": _auth_cache(settings),
@@ -262,6 +280,19 @@ def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None)
     tmp.write_text(text)
     os.replace(tmp, out)
     return out
+
+
+def remove_stale_socket(settings: Settings) -> None:
+    """Before nginx starts: a socket left by an nginx that was killed would make it fail to listen.
+    Never while an nginx of this gate runs (lmgate.local.lock_runtime_dir)."""
+    path = canary_socket(settings)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise RenderError(f"stats.spool_dir: cannot remove the old socket {path}: {exc.strerror or exc}") from None
 
 
 def _prepare_spool(folder: Path, user: str | None) -> None:

@@ -404,6 +404,42 @@ def _write_truncate_then_write(path: Path, data: bytes) -> None:
         f.write(data[len(data) // 3:])
 
 
+def test_readyz_names_a_spool_nginx_cannot_write_and_recording_resumes_by_itself(own_gate, mock_upstream):
+    """Calls go on while nginx's workers cannot write the spool (stats fail open), but /readyz says
+    calls are not being recorded, the log says so once per interval, and once the folder is
+    writable again every later call is recorded exactly once."""
+    g = own_gate()
+    mock_upstream.reply("/v1/chat/spool-lost", body=CHAT_BYTES)
+    wait_until(lambda: readyz(g)[0] == 200, 10, "a ready sidecar")
+    info = os.stat(g.spool)
+    # Started as root, the workers run as nobody and own the spool; otherwise they are this user.
+    if os.geteuid() == 0:
+        os.chown(g.spool, 0, 0)
+    else:
+        os.chmod(g.spool, 0o500)
+    try:
+        def lost() -> bool:
+            assert call(g, "/v1/chat/spool-lost") == 200  # stats fail open
+            status, body = readyz(g)
+            return status == 503 and any("calls are not being recorded" in p for p in body["problems"])
+        wait_until(lost, 30, "/readyz to say calls are not recorded", interval=0.5)
+        wait_until(lambda: log_count(g, "calls are not being recorded") >= 2, 15, "the problem logged again")
+        assert log_count(g, "calls are not being recorded") <= 8  # once per interval, not per call
+    finally:
+        os.chown(g.spool, info.st_uid, info.st_gid)
+        os.chmod(g.spool, info.st_mode)
+    wait_until(lambda: readyz(g)[0] == 200, 20, "/readyz to be ready again")
+    mark = g.mark()
+    assert [call(g, "/v1/chat/spool-lost") for _ in range(20)] == [200] * 20
+    records = g.new_records(mark, 20)
+    assert len({r["request_id"] for r in records}) == 20
+    assert all(r["endpoint"] == "/openai/v1/chat/spool-lost" and r["lmgate_id"] == "alice" for r in records)
+
+
+def call(g: Gate, path: str) -> int:
+    return httpx.post(g.base("openai") + path, headers=bearer(ALICE_KEY), content=b"{}").status_code
+
+
 def test_allowlist_replaced_under_load_never_drops_a_listed_key_and_revocation_is_prompt(own_gate,
                                                                                          mock_upstream):
     poll = 0.5
