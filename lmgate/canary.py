@@ -23,6 +23,7 @@ PATH_PREFIX = "/_lmgate/canary/"
 INTERVAL_SECONDS = 5.0
 # A canary's line is missing once the spool reader has read to the end this long after it was sent.
 MISSING_AFTER_SECONDS = 2.0
+MAX_PENDING = 16
 
 
 class Canary:
@@ -58,6 +59,8 @@ class Canary:
             async with session.get(f"http://lmgate{PATH_PREFIX}{name}") as resp:
                 if resp.status == 204:
                     self.pending[name] = asyncio.get_running_loop().time()
+                    if len(self.pending) > MAX_PENDING:  # the reader is held up: keep the newest
+                        del self.pending[next(iter(self.pending))]
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
             pass
 

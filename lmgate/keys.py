@@ -66,5 +66,3 @@ def extract_key(headers: Mapping[str, str], query: str) -> str:
     if len(keys) > 1:
         raise KeyProblem("the request carries more than one different API key")
     return keys.pop()
-
-
