@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# uv, which installs uv.lock (scripts/setup.sh) and updates it (scripts/lock.sh): the one on PATH
+# when it is recent enough, else one installed from PyPI into a small venv of its own.
+#   scripts/uv.sh --path     print where uv is (installing it first if needed)
+#   scripts/uv.sh ARGS...    run it
+# Environment: LMGATE_UV_DIR, where that venv goes (default: ~/.cache/lmgate/uv-<version>).
+set -euo pipefail
+
+UV_VERSION=0.13.8
+# uv.lock's format needs a uv at least this new.
+UV_MINIMUM=0.9.0
+
+recent_enough() {
+    local have
+    have="$("$1" --version 2>/dev/null | awk '{print $2}')" || return 1
+    [ -n "$have" ] && [ "$(printf '%s\n%s\n' "$UV_MINIMUM" "$have" | sort -V | head -n1)" = "$UV_MINIMUM" ]
+}
+
+uv=""
+if command -v uv >/dev/null 2>&1 && recent_enough "$(command -v uv)"; then
+    uv="$(command -v uv)"
+else
+    dir="${LMGATE_UV_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/lmgate/uv-$UV_VERSION}"
+    uv="$dir/bin/uv"
+    if ! recent_enough "$uv"; then
+        echo "setup: installing uv $UV_VERSION from PyPI into $dir" >&2
+        rm -rf "$dir"
+        python3 -m venv "$dir"
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
+    fi
+fi
+
+if [ "${1:-}" = "--path" ]; then
+    echo "$uv"
+else
+    exec "$uv" "$@"
+fi
