@@ -162,18 +162,28 @@ def _auth_cache(settings: Settings) -> str:
     ])
 
 
-def _upstream_block(name: str, upstream: str) -> str:
+def _upstream_block(name: str, upstream: str, unresolved: bool = False) -> str:
     url = urlsplit(upstream)
     port = url.port or (443 if url.scheme == "https" else 80)
     host = f"[{url.hostname}]" if ":" in (url.hostname or "") else url.hostname
+    if unresolved:
+        # The host does not resolve (lmgate/upstreams.py): nginx would refuse the whole config. A
+        # server marked down is never dialled: calls get a 502, answered by the provider location's
+        # @lmgate_bad_gateway_<name>, until the name resolves and the config is rendered again.
+        return (f"    # {url.hostname} did not resolve when this was rendered\n"
+                f"    upstream lmgate_up_{name} {{\n"
+                f"        server 127.0.0.1:{port} down;\n"
+                f"    }}\n")
     return (f"    upstream lmgate_up_{name} {{\n"
             f"        server {host}:{port};\n"
             f"        keepalive 128;\n"
             f"    }}\n")
 
 
-def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path | None | str = "auto") -> str:
-    """The complete nginx.conf text. `njs_module` "auto" resolves the proxy.njs_module setting."""
+def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path | None | str = "auto",
+           unresolved: frozenset[str] = frozenset()) -> str:
+    """The complete nginx.conf text. `njs_module` "auto" resolves the proxy.njs_module setting;
+    the providers named in `unresolved` get an upstream that answers 502 (their host does not resolve)."""
     runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
     temp_dir, user = _temp_dir_and_user(runtime_dir)
     module = find_njs_module(settings.proxy.njs_module) if njs_module == "auto" else njs_module
@@ -204,7 +214,8 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "AUTH_CACHE": _auth_cache(settings),
         "LISTEN": listen,
         "PROVIDER_LIST": ", ".join(settings.providers),
-        "UPSTREAMS": "".join(_upstream_block(n, p.upstream) for n, p in settings.providers.items()),
+        "UPSTREAMS": "".join(_upstream_block(n, p.upstream, n in unresolved)
+                             for n, p in settings.providers.items()),
         "PROVIDER_LOCATIONS": "".join(_provider_block(provider_template, n, p.upstream, settings)
                                       for n, p in settings.providers.items()),
     }
@@ -235,7 +246,8 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None) -> Path:
+def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None,
+                 unresolved: frozenset[str] = frozenset()) -> Path:
     """Render to `out` (atomically) and create the runtime folders nginx needs."""
     runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
     runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +257,7 @@ def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise RenderError(f"{temp_dir} exists but is not a folder owned by this user; remove it")
     _prepare_spool(settings.stats.spool_dir.resolve(), user)
-    text = render(settings, runtime_dir)
+    text = render(settings, runtime_dir, unresolved=unresolved)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text)
