@@ -111,6 +111,9 @@ async def readyz(request: web.Request) -> web.Response:
             "stats_buffered": writer.buffered, "stats_written": writer.written,
             "spool_lines_read": spool.lines, "spool_bad_lines": spool.bad_lines,
             "spool_backlog_bytes": spool.backlog_bytes, "problems": problems}
+    # For `lmgate doctor`: when the list in force was loaded, and why the last reload was refused.
+    body["allowlist_loaded_at"] = records.iso_utc(holder.loaded_at)
+    body["allowlist_last_error"] = holder.last_error
     return web.json_response(body, status=503 if problems else 200)
 
 

@@ -209,6 +209,7 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "CAPTURE_TAIL_BYTES": str(settings.stats.capture_tail_bytes),
         "SIDECAR_ADDRESS": f"{sidecar}:{settings.server.port}",
         "SPOOL_DIR": str(settings.stats.spool_dir.resolve()),
+        "SPOOL_LOG": _spool_log(settings),  # the canary location's
         "AUTH_TIMEOUT": f"{settings.server.auth_timeout_ms}ms",
         "AUTH_CACHE_ZONE": _auth_cache_zone(settings, temp_dir),
         "AUTH_CACHE": _auth_cache(settings),

@@ -551,7 +551,8 @@ def test_classify(status, nginx_error, problem, expected):
 
 
 def test_nginx_error_words_match_the_nginx_template():
-    template = (REPO / "nginx" / "provider.conf.template").read_text()
+    template = "".join((REPO / "nginx" / name).read_text()
+                       for name in ("provider.conf.template", "nginx.conf.template"))
     words = set(re.findall(r"set \$lmgate_error (\w+);", template))
     assert words == set(NGINX_ERRORS)
 
