@@ -328,31 +328,56 @@ def check_provider(settings: Settings, name: str, timeout: float) -> Check:
 
 # ---- the command
 
-def run_checks(config: Path | None, gate_url: str | None, timeout: float = TIMEOUT_SECONDS) -> list[Check]:
+GROUPS = ("nginx", "sidecar", "folders", "canary", "providers")
+SKIP_ENV = "LMGATE_DOCTOR_SKIP"
+
+
+def run_checks(config: Path | None, gate_url: str | None, timeout: float = TIMEOUT_SECONDS,
+               groups: tuple[str, ...] = GROUPS) -> list[Check]:
+    """The config always; then the groups asked for."""
     first, settings = check_config(config)
     checks = [first]
     if settings is None:
         return checks
-    checks.append(check_nginx_config(settings))
-    sidecar, _ = check_sidecar(settings, timeout)
-    checks.extend(sidecar)
-    checks.append(check_folders(settings))
-    checks.append(check_canary(settings, gate_url or default_gate_url(settings), timeout))
-    checks.extend(check_provider(settings, name, timeout) for name in settings.providers)
+    if "nginx" in groups:
+        checks.append(check_nginx_config(settings))
+    if "sidecar" in groups:
+        checks.extend(check_sidecar(settings, timeout)[0])
+    if "folders" in groups:
+        checks.append(check_folders(settings))
+    if "canary" in groups:
+        checks.append(check_canary(settings, gate_url or default_gate_url(settings), timeout))
+    if "providers" in groups:
+        checks.extend(check_provider(settings, name, timeout) for name in settings.providers)
     return checks
+
+
+def _groups(text: str | None, option: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in (text or "").split(",") if n.strip())
+    for name in names:
+        if name not in GROUPS:
+            raise SystemExit(f"lmgate doctor: {option}: unknown check {name!r} (checks: {', '.join(GROUPS)})")
+    return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help=f"the gate (nginx) to send the canary call to (default: ${GATE_URL_ENV}, "
                         "else proxy.host:proxy.port)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--only", metavar="CHECKS", help=f"comma list of {', '.join(GROUPS)} (the config is "
+                        "always checked)")
+    parser.add_argument("--skip", metavar="CHECKS", default=os.environ.get(SKIP_ENV),
+                        help=f"comma list of checks to leave out (default: ${SKIP_ENV}; Compose's sidecar "
+                        "has no route out: it leaves the providers to the nginx container)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_SECONDS,
                         help=f"seconds for each network check (default {TIMEOUT_SECONDS:g})")
 
 
 def main(args: argparse.Namespace, out=None) -> int:
     out = out or sys.stdout
-    checks = run_checks(args.config, args.url, args.timeout)
+    only = _groups(args.only, "--only") or GROUPS
+    skip = _groups(args.skip, "--skip")
+    checks = run_checks(args.config, args.url, args.timeout, tuple(g for g in only if g not in skip))
     healthy = all(c.ok for c in checks)
     if args.format == "json":
         json.dump({"ok": healthy, "checks": [asdict(c) for c in checks]}, out, indent=2)
