@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -99,6 +100,14 @@ def test_doctor_with_a_bad_config_names_it(own_gate, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stdout.startswith("problem  config") and "proxy.port" in result.stdout, result.stdout
+    # Problems in LMGATE_* variables are all named, with the first one in the file.
+    env = {**os.environ, "LMGATE_STATS__FLUSH_INTERVAL_SECONDS": "soon", "LMGATE_AUTH__NOPE": "1"}
+    result = subprocess.run([sys.executable, "-m", "lmgate", "doctor", "--config", str(bad)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1
+    [line] = result.stdout.splitlines()
+    for named in ("stats.flush_interval_seconds", "LMGATE_AUTH__NOPE", "proxy.port"):
+        assert named in line, line
 
 
 def test_canary_is_rate_limited_and_never_forwarded(own_gate, mock_upstream):
