@@ -74,24 +74,31 @@ if [ ! -x "$venv/bin/python" ]; then
     fi
     "$python" -m venv "$venv"
 fi
+nginx_version() { { command -v nginx >/dev/null && nginx -v || /usr/sbin/nginx -v; } 2>&1; }
+
 # The locked set goes in only when uv.lock, pyproject.toml or the extras asked for changed since the
 # last sync into this venv (run-local.sh runs this script at every start).
 stamp="$venv/.lmgate-sync"
 want="$(cat uv.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
 have="$(cat "$stamp" 2>/dev/null || true)"
 if { [ "$have" = "$want dev" ] || [ "$have" = "$want $mode" ]; } && "$venv/bin/python" -c "" 2>/dev/null; then
-    echo "setup: ready (the locked packages are already in $venv; $(nginx -v 2>&1 || /usr/sbin/nginx -v 2>&1))" >&2
+    echo "setup: ready (the locked packages are already in $venv; $(nginx_version))" >&2
     exit 0
 fi
 rm -f "$stamp"
 
-uv="$(scripts/uv.sh --path)"
+# A lock that no longer matches pyproject.toml would install the old set silently.
+if ! check="$(scripts/uv.sh lock --check --offline --no-python-downloads 2>&1)"; then
+    echo "$check" | tail -n 3 >&2
+    echo "setup: uv.lock does not match pyproject.toml (a dependency was changed?): run scripts/lock.sh" >&2
+    exit 1
+fi
 # --frozen: install uv.lock as it is (never re-resolve); the venv keeps the interpreter made above;
 # never download a Python. With --dev the venv holds exactly the locked set with the dev extra;
 # without it the runtime set is installed and packages already there are left (a developer's venv
 # keeps its test tools when run-local.sh runs this).
 sync=(sync --frozen --python "$venv/bin/python" --no-python-downloads --quiet)
 if [ "$mode" = dev ]; then sync+=(--extra dev); else sync+=(--inexact); fi
-UV_PROJECT_ENVIRONMENT="$venv" "$uv" "${sync[@]}"
+UV_PROJECT_ENVIRONMENT="$venv" scripts/uv.sh "${sync[@]}"
 echo "$want $mode" >"$stamp"
-echo "setup: ready ($("$venv/bin/lmgate" --help >/dev/null && echo "lmgate in $venv/bin"), $(nginx -v 2>&1 || /usr/sbin/nginx -v 2>&1))" >&2
+echo "setup: ready ($("$venv/bin/lmgate" --help >/dev/null && echo "lmgate in $venv/bin"), $(nginx_version))" >&2

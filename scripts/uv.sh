@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # uv, which installs uv.lock (scripts/setup.sh) and updates it (scripts/lock.sh): the one on PATH
 # when it is recent enough, else one installed from PyPI into a small venv of its own.
-#   scripts/uv.sh --path     print where uv is (installing it first if needed)
-#   scripts/uv.sh ARGS...    run it
+#   scripts/uv.sh ARGS...    run it (installing it first if needed)
+#   scripts/uv.sh --path     print where it is
 # Environment: LMGATE_UV_DIR, where that venv goes (default: ~/.cache/lmgate/uv-<version>).
 set -euo pipefail
 
@@ -21,6 +21,10 @@ if command -v uv >/dev/null 2>&1 && recent_enough "$(command -v uv)"; then
     uv="$(command -v uv)"
 else
     dir="${LMGATE_UV_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/lmgate/uv-$UV_VERSION}"
+    # A user without a writable home (a service account): a folder of its own under /tmp.
+    if [ -z "${LMGATE_UV_DIR:-}" ] && ! mkdir -p "$(dirname "$dir")" 2>/dev/null; then
+        dir="${TMPDIR:-/tmp}/lmgate-uv-$(id -u)-$UV_VERSION"
+    fi
     uv="$dir/bin/uv"
     if ! recent_enough "$uv"; then
         echo "setup: installing uv $UV_VERSION from PyPI into $dir" >&2
@@ -28,6 +32,16 @@ else
         python3 -m venv "$dir"
         "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
     fi
+fi
+
+# Trust the system's certificate store, as apt and pip do (a TLS-inspecting proxy's CA installed
+# on the machine then works for uv too), not only the roots built into uv.
+export UV_SYSTEM_CERTS="${UV_SYSTEM_CERTS:-1}"
+
+# The same for uv's cache.
+if [ -z "${UV_CACHE_DIR:-}" ] && [ -z "${UV_NO_CACHE:-}" ] \
+    && ! mkdir -p "${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/uv" 2>/dev/null; then
+    export UV_CACHE_DIR="${TMPDIR:-/tmp}/lmgate-uv-cache-$(id -u)"
 fi
 
 if [ "${1:-}" = "--path" ]; then
