@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -51,7 +52,7 @@ def test_doctor_checks_a_running_gate(own_gate, mock_upstream, tls_upstream):
     assert "nonexistent.invalid does not resolve" in checks["provider anthropic"]["detail"]
     assert checks["provider anthropic"]["fix"]
     assert "TLS" in checks["provider openai"]["detail"] and "verified" in checks["provider openai"]["detail"]
-    assert "2 keys" in checks["allow-list"]["detail"]
+    assert re.search(r"2 keys from .*, loaded 20\d\d-\d\d-\d\dT", checks["allow-list"]["detail"])
     assert upstream.sni, "the TLS check reached the upstream with its name"
 
     # The canary came back as a record: marked, with no key, and nothing went to a provider.
