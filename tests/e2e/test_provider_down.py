@@ -20,8 +20,14 @@ MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "clau
            "usage": {"input_tokens": 9, "output_tokens": 2}}
 
 
-def test_unresolvable_provider_answers_502_and_the_others_work(own_gate, mock_upstream):
+@pytest.fixture
+def messages(mock_upstream):
     mock_upstream.reply("/v1/messages", body=json.dumps(MESSAGE).encode())
+    yield
+    del mock_upstream.replies["/v1/messages"]  # the mock is shared by the session
+
+
+def test_unresolvable_provider_answers_502_and_the_others_work(own_gate, messages):
     gate = own_gate(LMGATE_PROVIDERS__OPENAI__UPSTREAM=f"https://{DOWN_HOST}")
     assert f"provider openai: its upstream host {DOWN_HOST} does not resolve" in gate.log()
     mark = gate.mark()
