@@ -87,6 +87,7 @@ if { [ "$have" = "$want dev" ] || [ "$have" = "$want $mode" ]; } && "$venv/bin/p
 fi
 rm -f "$stamp"
 
+scripts/uv.sh --path >/dev/null  # installs uv first when it is missing, saying so
 # A lock that no longer matches pyproject.toml would install the old set silently.
 if ! check="$(scripts/uv.sh lock --check --offline --no-python-downloads 2>&1)"; then
     echo "$check" | tail -n 3 >&2
