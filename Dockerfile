@@ -6,9 +6,10 @@
 # LMGate in a venv, so production runs the nginx/njs that the tests ran.
 FROM debian:bookworm-slim
 
-# No pip cache in the image; Python logs reach `docker compose logs` at once.
+# No pip or uv cache in the image; Python logs reach `docker compose logs` at once.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_NO_CACHE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/lmgate/venv/bin:$PATH
 
@@ -18,8 +19,10 @@ WORKDIR /app
 COPY . /app
 
 # The same install script as the local path: apt installs (--no-install-recommends, lists removed
-# afterwards on a fresh image) and the venv with `pip install -e .` (no dev extras).
-RUN LMGATE_VENV=/opt/lmgate/venv scripts/setup.sh \
+# afterwards on a fresh image) and the venv with uv.lock's runtime set (no dev extra). uv itself
+# is installed for the build only, into /tmp/lmgate-uv, and removed.
+RUN LMGATE_VENV=/opt/lmgate/venv LMGATE_UV_DIR=/tmp/lmgate-uv scripts/setup.sh \
+    && rm -rf /tmp/lmgate-uv \
     && python -m compileall -q /app/lmgate
 
 # Run as a fixed non-root user, uid/gid 10001. The host's ./data (allow-list in, stats out) must

@@ -208,6 +208,7 @@ class AllowListHolder:
         self._signature = _signature(path)
         self.current = load_outside_gc(path)
         self.last_error: str | None = None
+        self.loaded_at = time.time()  # when the list in force was read (/readyz, lmgate doctor)
         self.pending = False
 
     def _changed(self) -> bool:
@@ -265,7 +266,7 @@ class AllowListHolder:
             return False
         # A write seen half-way (truncate-then-write) changes the signature again when it ends,
         # so the next poll parses the finished file.
-        self.current, self.last_error = fresh, None
+        self.current, self.last_error, self.loaded_at = fresh, None, time.time()
         log.info("allow-list reloaded from %s: %d keys", self.path, len(fresh))
         return True
 

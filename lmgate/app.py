@@ -4,7 +4,7 @@ Endpoints (never exposed through nginx's public port):
 - GET  /auth    yes/no for the key in the original request's headers; 200 carries X-LMGate-ID.
 - GET  /livez   the process answers.
 - GET  /readyz  the allow-list is loaded, the stats file's folder is writable, the spool is read,
-                and nginx's calls reach it (lmgate/canary.py).
+                and nginx's calls reach it (lmgate/readiness.py).
 Records come from the spool folder that nginx appends to (lmgate/spool.py), read in batches off
 the request path.
 """
@@ -22,7 +22,8 @@ from aiohttp import web
 
 from lmgate import records
 from lmgate.allowlist import AllowListHolder, mask_key
-from lmgate.canary import Canary
+from lmgate.readiness import SPOOL_WORD as READINESS_WORD
+from lmgate.readiness import ReadinessProbe
 from lmgate.keys import KeyProblem, extract_key
 from lmgate.refusals import RefusalFolder
 from lmgate.settings import Settings, size_bytes
@@ -113,12 +114,15 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"spool: {spool.last_error}")
     if not _writable_folder(spool.folder):
         problems.append(f"spool: {spool.folder} is not writable")
-    if app[CANARY].problem:
-        problems.append(f"spool: {app[CANARY].problem}")
+    if app[READINESS].problem:
+        problems.append(f"spool: {app[READINESS].problem}")
     body = {"ready": not problems, "allowlist_keys": len(holder.current),
             "stats_buffered": writer.buffered, "stats_written": writer.written,
             "spool_lines_read": spool.lines, "spool_bad_lines": spool.bad_lines,
             "spool_backlog_bytes": spool.backlog_bytes, "problems": problems}
+    # For `lmgate doctor`: when the list in force was loaded, and why the last reload was refused.
+    body["allowlist_loaded_at"] = records.iso_utc(holder.loaded_at)
+    body["allowlist_last_error"] = holder.last_error
     return web.json_response(body, status=503 if problems else 200)
 
 
@@ -131,16 +135,16 @@ class _Recorder:
     """Spool line -> record -> stats writer, skipping calls already in the stats file and folding
     floods of refused calls (lmgate/refusals.py)."""
 
-    def __init__(self, writer: StatsWriter, canary: Canary) -> None:
+    def __init__(self, writer: StatsWriter, readiness: ReadinessProbe) -> None:
         self.writer = writer
-        self.canary = canary
+        self.readiness = readiness
         self.skip: set[str] = set()
         self.refusals = RefusalFolder(writer.add)
 
     def __call__(self, line: bytes) -> None:
         meta, body = records.load_line(line)
-        if meta.get("err") == "canary":
-            self.canary.seen(meta.get("u", ""))
+        if meta.get("err") == READINESS_WORD:
+            self.readiness.seen(meta.get("u", ""))
             return
         record = records.from_meta(meta, body, time.time())
         if self.skip and record["request_id"] in self.skip:
@@ -152,11 +156,11 @@ class _Recorder:
 
 
 RECORDER = web.AppKey("recorder", _Recorder)
-CANARY = web.AppKey("canary", Canary)
+READINESS = web.AppKey("readiness", ReadinessProbe)
 
 
 async def _read_spool(app: web.Application) -> None:
-    spool, writer, refusals, canary = app[SPOOL], app[WRITER], app[RECORDER].refusals, app[CANARY]
+    spool, writer, refusals, readiness = app[SPOOL], app[WRITER], app[RECORDER].refusals, app[READINESS]
     loop = asyncio.get_running_loop()
     lines_came = loop.time()
     folds_due = 0.0
@@ -181,7 +185,7 @@ async def _read_spool(app: web.Application) -> None:
             await asyncio.sleep(0)
             continue
         # The spool's end was reached.
-        canary.reader_at_end = loop.time()
+        readiness.reader_at_end = loop.time()
         idle = loop.time() - lines_came >= SPOOL_IDLE_AFTER_SECONDS
         await asyncio.sleep(SPOOL_IDLE_POLL_SECONDS if idle else SPOOL_POLL_SECONDS)
 
@@ -196,8 +200,8 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[WRITER] = writer
     # The spool reader lives with the writer: its checkpoint follows the writer's flushes, the
     # last one at shutdown included (spool_ctx only drives the reading).
-    canary = app[CANARY] = Canary(s.spool_dir.resolve())
-    recorder = app[RECORDER] = _Recorder(writer, canary)
+    readiness = app[READINESS] = ReadinessProbe(s.spool_dir.resolve())
+    recorder = app[RECORDER] = _Recorder(writer, readiness)
     spool = app[SPOOL] = SpoolReader(s.spool_dir, recorder, _max_spool_line(app[SETTINGS]))
     # Records written after the last checkpoint (the previous sidecar was killed between a flush
     # and its checkpoint): their lines come again, and are skipped.
@@ -223,8 +227,8 @@ async def allowlist_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
 
 
-async def canary_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[CANARY].run_forever())
+async def readiness_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[READINESS].run_forever())
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -253,7 +257,7 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app.cleanup_ctx.append(writer_ctx)
     app.cleanup_ctx.append(allowlist_ctx)
     app.cleanup_ctx.append(spool_ctx)
-    app.cleanup_ctx.append(canary_ctx)
+    app.cleanup_ctx.append(readiness_ctx)
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)

@@ -1,4 +1,4 @@
-"""The `lmgate` command: up, serve, nginx, render-nginx, hash-key, check-allowlist, report."""
+"""The `lmgate` command: up, serve, nginx, render-nginx, hash-key, check-allowlist, report, doctor."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("hash-key", help="read an API key on stdin, print its sha256: form for the allow-list")
     check = with_config(sub.add_parser("check-allowlist", help="validate the allow-list and print its size"))
     check.add_argument("path", nargs="?", type=Path, help="CSV file (default: auth.allowlist_path)")
+    from lmgate.doctor import add_arguments as add_doctor_arguments
+    add_doctor_arguments(with_config(sub.add_parser(
+        "doctor", help="check that this deployment works end to end; one line per check, with the fix")))
     report = with_config(sub.add_parser("report", help="usage and spend per owner, key, model and day"))
     try:
         from lmgate.report import add_report_arguments
@@ -66,6 +69,9 @@ def run(argv: list[str] | None = None) -> int:
             return 2
         print(hash_key(key))
         return 0
+    if args.command == "doctor":  # loads the config itself: a bad one is one of its checks
+        from lmgate.doctor import main as doctor
+        return doctor(args)
     settings = _settings(args)
     if args.command == "serve":
         from lmgate.app import serve

@@ -25,6 +25,7 @@ from lmgate.allowlist import AllowListError, load_allowlist
 from lmgate.nginx_conf import RenderError, find_nginx, remove_stale_socket, write_config
 from lmgate.redact import redact
 from lmgate.settings import Settings
+from lmgate.upstreams import provider_hosts, resolve, unresolved_providers
 
 log = logging.getLogger("lmgate.up")
 
@@ -56,22 +57,27 @@ class NginxProcess:
         self.runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
         self.binary = find_nginx(settings.proxy.nginx_binary)
         self._lock = lock_runtime_dir(self.runtime_dir)
-        self.conf = write_config(settings, self.runtime_dir / "nginx.conf", self.runtime_dir)
         self.proc: subprocess.Popen | None = None
         hosts = {urlsplit(p.upstream).hostname for p in settings.providers.values()}
         hosts.add(settings.server.reachable_host)
         self._hosts = sorted(h for h in hosts if h)
         self._addresses = self._resolve()
         self._next_resolve = time.monotonic() + RESOLVE_INTERVAL_SECONDS
+        # Providers whose host did not resolve: rendered to answer 502 until it does (upstreams.py).
+        self.unresolved = unresolved_providers(settings, self._addresses)
+        self._warn_unresolved(self.unresolved)
+        self.conf = write_config(settings, self.runtime_dir / "nginx.conf", self.runtime_dir, self.unresolved)
 
     def _resolve(self) -> dict[str, frozenset[str]]:
-        addresses = {}
-        for host in self._hosts:
-            try:
-                addresses[host] = frozenset(info[4][0] for info in socket.getaddrinfo(host, None))
-            except OSError:
-                addresses[host] = frozenset()  # unresolvable now: keep what nginx has
-        return addresses
+        # Unresolvable now: an empty set, and nginx keeps what it has.
+        return {host: resolve(host) for host in self._hosts}
+
+    def _warn_unresolved(self, names: frozenset[str]) -> None:
+        hosts = provider_hosts(self.settings)
+        for name in sorted(names):
+            log.warning("provider %s: its upstream host %s does not resolve; its calls get a 502 "
+                        "(upstream_unreachable) until it does (checked every %d s)",
+                        name, hosts[name], RESOLVE_INTERVAL_SECONDS)
 
     def reload_if_addresses_changed(self) -> None:
         """Reload nginx (SIGHUP: graceful) when a host it dials now resolves elsewhere."""
@@ -79,14 +85,22 @@ class NginxProcess:
             return
         self._next_resolve = time.monotonic() + RESOLVE_INTERVAL_SECONDS
         fresh = self._resolve()
-        changed = [h for h in self._hosts if fresh[h] and fresh[h] != self._addresses.get(h)]
+        # A host rendered down (it did not resolve) is back when it resolves, even to its old address.
+        down = {provider_hosts(self.settings)[name] for name in self.unresolved}
+        changed = [h for h in self._hosts if fresh[h] and (fresh[h] != self._addresses.get(h) or h in down)]
         if changed:
             log.info("address of %s changed; reloading nginx", ", ".join(changed))
             self._addresses.update({h: fresh[h] for h in changed})
+            # What does not resolve now would fail the reload: rendered to answer 502 instead.
+            unresolved = unresolved_providers(self.settings, fresh)
+            for name in sorted(self.unresolved - unresolved):
+                log.info("provider %s: its upstream host resolves now; it is served again", name)
+            self._warn_unresolved(unresolved - self.unresolved)
+            self.unresolved = unresolved
             # Rendered again first: the reload restarts nginx's connection serial numbers, and a
             # new instance id keeps request ids unique (nginx.conf.template, lmgate_spool).
             try:
-                write_config(self.settings, self.conf, self.runtime_dir)
+                write_config(self.settings, self.conf, self.runtime_dir, self.unresolved)
             except (OSError, RenderError) as exc:
                 log.error("cannot render nginx's config again (%s); reloading the one it has", exc)
             self.proc.send_signal(signal.SIGHUP)

@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lmgate.canary import PATH_PREFIX as CANARY_PATH
-from lmgate.canary import SOCKET_NAME as CANARY_SOCKET_NAME
+from lmgate.readiness import PATH_PREFIX as READINESS_PATH
+from lmgate.readiness import SOCKET_NAME as READINESS_SOCKET_NAME
+from lmgate.permissions import User, usable, user_named
 from lmgate.providers import KEY_HEADERS, KEY_PARAMS, PROVIDERS, error_body
 from lmgate.settings import Settings
 from lmgate.spool import SPOOL_PREFIX, SPOOL_SUFFIX
@@ -134,12 +135,12 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
 _SOCKET_PATH_MAX = 107
 
 
-def canary_socket(settings: Settings) -> Path:
-    path = settings.stats.spool_dir.resolve() / CANARY_SOCKET_NAME
+def readiness_socket(settings: Settings) -> Path:
+    path = settings.stats.spool_dir.resolve() / READINESS_SOCKET_NAME
     if len(str(path).encode()) > _SOCKET_PATH_MAX:
         raise RenderError(f"stats.spool_dir: {path.parent} is too long a path for the socket nginx serves "
-                          f"the readiness canary on ({len(str(path).encode())} > {_SOCKET_PATH_MAX} bytes "
-                          f"with /{CANARY_SOCKET_NAME}); choose a shorter one")
+                          f"the readiness probe on ({len(str(path).encode())} > {_SOCKET_PATH_MAX} bytes "
+                          f"with /{READINESS_SOCKET_NAME}); choose a shorter one")
     return path
 
 
@@ -177,18 +178,28 @@ def _auth_cache(settings: Settings) -> str:
     ])
 
 
-def _upstream_block(name: str, upstream: str) -> str:
+def _upstream_block(name: str, upstream: str, unresolved: bool = False) -> str:
     url = urlsplit(upstream)
     port = url.port or (443 if url.scheme == "https" else 80)
     host = f"[{url.hostname}]" if ":" in (url.hostname or "") else url.hostname
+    if unresolved:
+        # The host does not resolve (lmgate/upstreams.py): nginx would refuse the whole config. A
+        # server marked down is never dialled: calls get a 502, answered by the provider location's
+        # @lmgate_bad_gateway_<name>, until the name resolves and the config is rendered again.
+        return (f"    # {url.hostname} did not resolve when this was rendered\n"
+                f"    upstream lmgate_up_{name} {{\n"
+                f"        server 127.0.0.1:{port} down;\n"
+                f"    }}\n")
     return (f"    upstream lmgate_up_{name} {{\n"
             f"        server {host}:{port};\n"
             f"        keepalive 128;\n"
             f"    }}\n")
 
 
-def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path | None | str = "auto") -> str:
-    """The complete nginx.conf text. `njs_module` "auto" resolves the proxy.njs_module setting."""
+def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path | None | str = "auto",
+           unresolved: frozenset[str] = frozenset()) -> str:
+    """The complete nginx.conf text. `njs_module` "auto" resolves the proxy.njs_module setting;
+    the providers named in `unresolved` get an upstream that answers 502 (their host does not resolve)."""
     runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
     temp_dir, user = _temp_dir_and_user(runtime_dir)
     module = find_njs_module(settings.proxy.njs_module) if njs_module == "auto" else njs_module
@@ -216,15 +227,16 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "KEY_PARAMS": ",".join(sorted(KEY_PARAMS)),
         "SIDECAR_ADDRESS": f"{sidecar}:{settings.server.port}",
         "SPOOL_DIR": str(settings.stats.spool_dir.resolve()),
-        "CANARY_SOCKET": str(canary_socket(settings)),
-        "CANARY_PATH": CANARY_PATH,
-        "SPOOL_LOG": _spool_log(settings),
+        "READINESS_SOCKET": str(readiness_socket(settings)),
+        "READINESS_PATH": READINESS_PATH,
+        "SPOOL_LOG": _spool_log(settings),  # the canary and readiness locations'
         "AUTH_TIMEOUT": f"{settings.server.auth_timeout_ms}ms",
         "AUTH_CACHE_ZONE": _auth_cache_zone(settings, temp_dir),
         "AUTH_CACHE": _auth_cache(settings),
         "LISTEN": listen,
         "PROVIDER_LIST": ", ".join(settings.providers),
-        "UPSTREAMS": "".join(_upstream_block(n, p.upstream) for n, p in settings.providers.items()),
+        "UPSTREAMS": "".join(_upstream_block(n, p.upstream, n in unresolved)
+                             for n, p in settings.providers.items()),
         "PROVIDER_LOCATIONS": "".join(_provider_block(provider_template, n, p.upstream, settings)
                                       for n, p in settings.providers.items()),
     }
@@ -255,7 +267,8 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None) -> Path:
+def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None,
+                 unresolved: frozenset[str] = frozenset()) -> Path:
     """Render to `out` (atomically) and create the runtime folders nginx needs."""
     runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
     runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -267,14 +280,14 @@ def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None)
     if user is not None:
         # nginx's master makes the folders inside and gives them to the workers; the workers must
         # still get through every folder above (a private TMPDIR, as `mktemp -d` makes, is not).
-        closed = closed_to(temp_dir, user)
+        closed = usable(_worker(user), temp_dir, "x")
         if closed is not None:
             raise RenderError(
                 f"nginx's workers (user {user.split()[0]}, as LMGate runs as root) cannot reach their temp "
-                f"folder {temp_dir} because {closed} is closed to them; set TMPDIR to a folder they can "
-                f"enter (e.g. /tmp), or run LMGate as a regular user")
+                f"folder {temp_dir}: {closed}; set TMPDIR to a folder they can enter (e.g. /tmp), or run "
+                f"LMGate as a regular user")
     _prepare_spool(settings.stats.spool_dir.resolve(), user)
-    text = render(settings, runtime_dir)
+    text = render(settings, runtime_dir, unresolved=unresolved)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text)
@@ -285,7 +298,7 @@ def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None)
 def remove_stale_socket(settings: Settings) -> None:
     """Before nginx starts: a socket left by an nginx that was killed would make it fail to listen.
     Never while an nginx of this gate runs (lmgate.local.lock_runtime_dir)."""
-    path = canary_socket(settings)
+    path = readiness_socket(settings)
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             path.unlink()
@@ -314,32 +327,15 @@ def _prepare_spool(folder: Path, user: str | None) -> None:
         raise RenderError(f"stats.spool_dir: cannot prepare {folder}: {exc.strerror or exc}") from None
     if user is None:
         return
-    closed = closed_to(folder, user)
+    closed = usable(_worker(user), folder, "wx")
     if closed is not None:
         raise RenderError(
-            f"stats.spool_dir: nginx's workers (user {name}, as LMGate runs as root) cannot reach "
-            f"{folder} because {closed} is closed to them; run LMGate as a regular user, or set "
+            f"stats.spool_dir: nginx's workers (user {name}, as LMGate runs as root) cannot use "
+            f"{folder}: {closed}; run LMGate as a regular user, or set "
             f"stats.spool_dir (LMGATE_STATS__SPOOL_DIR) to a folder under /var/spool or /tmp")
 
 
-def closed_to(folder: Path, user: str) -> Path | None:
-    """The first of `folder` and the folders above it that `user` ("name [group]") cannot enter,
-    by the owner, group and other permission bits; None when the user gets through."""
+def _worker(user: str) -> User:
+    """nginx's `user` directive ("name [group]") as a User."""
     name, _, group = user.partition(" ")
-    worker = pwd.getpwnam(name)
-    gids = {worker.pw_gid, *(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)}
-    if group:
-        gids.add(grp.getgrnam(group).gr_gid)
-    for path in (*reversed(folder.parents), folder):
-        info = os.stat(path)
-        if worker.pw_uid == 0:
-            continue
-        if info.st_uid == worker.pw_uid:
-            allowed = info.st_mode & stat.S_IXUSR
-        elif info.st_gid in gids:
-            allowed = info.st_mode & stat.S_IXGRP
-        else:
-            allowed = info.st_mode & stat.S_IXOTH
-        if not allowed:
-            return path
-    return None
+    return user_named(name, group or None)

@@ -25,6 +25,9 @@ TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_wri
 
 # Words nginx sets in $lmgate_error for answers it generated itself.
 NGINX_ERRORS = frozenset({"forbidden", "gate_unavailable", "upstream_unreachable"})
+# The canary location's calls (nginx.conf.template; `lmgate doctor`): recorded, left out of reports.
+CANARY = "canary"
+NGINX_ERRORS |= {CANARY}
 
 
 # Plausible bounds for times nginx reports; anything else is replaced, never trusted.

@@ -3,13 +3,17 @@
 #   scripts/setup.sh          nginx-light, the njs module, CA certificates, Python venv + lmgate
 #   scripts/setup.sh --dev    the same plus the test dependencies (pytest, the providers' SDKs, wrk, ...)
 # The Dockerfile runs this same script, so the container gets the nginx/njs that the tests ran.
+# Python packages come from uv.lock, exactly (`uv sync --frozen`): the versions the tests passed
+# with. scripts/lock.sh updates the lock. uv itself is installed from PyPI when it is missing.
 # Environment: LMGATE_VENV (default .venv in the repository) is where the venv goes; LMGATE_PYTHON
-# is the interpreter a new venv is made with (default: see pick_python below).
+# is the interpreter a new venv is made with (default: see pick_python below); LMGATE_UV_DIR is
+# where uv is installed when it is not on PATH (default: ~/.cache/lmgate/uv-<version>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
-if [ "${1:-}" = "--dev" ]; then extra="[dev]"; fi
+mode=runtime
+if [ "${1:-}" = "--dev" ]; then extra="[dev]"; mode=dev; fi
 venv="${LMGATE_VENV:-.venv}"
 
 packages=()
@@ -23,7 +27,8 @@ if [ -n "$extra" ]; then
     command -v wrk >/dev/null 2>&1 || packages+=(wrk)
     [ -f /usr/lib/nginx/modules/ngx_http_echo_module.so ] || packages+=(libnginx-mod-http-echo)
 fi
-if [ ! -x "$venv/bin/python" ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 \
+    && { [ ! -x "$venv/bin/python" ] || ! command -v uv >/dev/null 2>&1; }; then
     packages+=(python3-venv)
 fi
 
@@ -69,6 +74,32 @@ if [ ! -x "$venv/bin/python" ]; then
     fi
     "$python" -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".${extra}"
-echo "setup: ready ($("$venv/bin/lmgate" --help >/dev/null && echo "lmgate in $venv/bin"), $(nginx -v 2>&1 || /usr/sbin/nginx -v 2>&1))" >&2
+nginx_version() { { command -v nginx >/dev/null && nginx -v || /usr/sbin/nginx -v; } 2>&1; }
+
+# The locked set goes in only when uv.lock, pyproject.toml or the extras asked for changed since the
+# last sync into this venv (run-local.sh runs this script at every start).
+stamp="$venv/.lmgate-sync"
+want="$(cat uv.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+have="$(cat "$stamp" 2>/dev/null || true)"
+if { [ "$have" = "$want dev" ] || [ "$have" = "$want $mode" ]; } && "$venv/bin/python" -c "" 2>/dev/null; then
+    echo "setup: ready (the locked packages are already in $venv; $(nginx_version))" >&2
+    exit 0
+fi
+rm -f "$stamp"
+
+scripts/uv.sh --path >/dev/null  # installs uv first when it is missing, saying so
+# A lock that no longer matches pyproject.toml would install the old set silently.
+if ! check="$(scripts/uv.sh lock --check --offline --no-python-downloads 2>&1)"; then
+    echo "$check" | tail -n 3 >&2
+    echo "setup: uv.lock does not match pyproject.toml (a dependency was changed?): run scripts/lock.sh" >&2
+    exit 1
+fi
+# --frozen: install uv.lock as it is (never re-resolve); the venv keeps the interpreter made above;
+# never download a Python. With --dev the venv holds exactly the locked set with the dev extra;
+# without it the runtime set is installed and packages already there are left (a developer's venv
+# keeps its test tools when run-local.sh runs this).
+sync=(sync --frozen --python "$venv/bin/python" --no-python-downloads --quiet)
+if [ "$mode" = dev ]; then sync+=(--extra dev); else sync+=(--inexact); fi
+UV_PROJECT_ENVIRONMENT="$venv" scripts/uv.sh "${sync[@]}"
+echo "$want $mode" >"$stamp"
+echo "setup: ready ($("$venv/bin/lmgate" --help >/dev/null && echo "lmgate in $venv/bin"), $(nginx_version))" >&2

@@ -70,6 +70,9 @@ def build(sums: dict[tuple, list[int]], by: tuple[str, ...], prices: PriceTable,
     for key, (n, inp, out, cache_read, cache_write, reasoning) in sums.items():
         group = key[:width]
         provider, api_format, model, error_type = key[width:]
+        # The canary's calls (`lmgate doctor`, error_type "canary") are LMGate's own: never usage.
+        if error_type == "canary":
+            continue
         row = rows.get(group)
         if row is None:
             row = rows[group] = Row(group)

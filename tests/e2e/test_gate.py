@@ -263,17 +263,19 @@ def test_up_refuses_to_start_on_a_taken_port(mock_upstream, tmp_path):
     assert f"port {g.port}" in result.stderr and "already in use" in result.stderr
 
 
-def test_up_names_nginx_reason_when_a_provider_host_does_not_resolve(mock_upstream, tmp_path):
+def test_up_names_nginx_reason_when_nginx_rejects_the_config(mock_upstream, tmp_path):
+    # (A provider host that does not resolve no longer stops LMGate: tests/e2e/test_provider_down.py.)
     import subprocess
     import sys
     from tests.support.gate import CONFIG
-    g = Gate(tmp_path, mock_upstream.url, LMGATE_PROVIDERS__GEMINI__UPSTREAM="https://lmgate-no-such-host.invalid")
+    g = Gate(tmp_path, mock_upstream.url, LMGATE_PROXY__CA_BUNDLE=str(tmp_path / "no-such-ca.pem"))
     result = subprocess.run([sys.executable, "-m", "lmgate", "up", "--config", str(CONFIG)], env=g.env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0, result.stderr
     # nginx's own reason, not its closing "test failed".
-    assert 'host not found in upstream "lmgate-no-such-host.invalid' in result.stderr, result.stderr
+    assert "nginx rejected the rendered config" in result.stderr, result.stderr
+    assert f'"{tmp_path / "no-such-ca.pem"}"' in result.stderr, result.stderr
 
 
 def test_up_refuses_to_start_with_a_broken_allowlist(mock_upstream, tmp_path):

@@ -47,7 +47,7 @@ def test_root_with_a_private_tmpdir_is_refused_at_start_naming_the_folder(mock_u
         result = run_up(g, TMPDIR=private)
         assert result.returncode == 2
         [line] = result.stderr.strip().splitlines()
-        assert private in line and "TMPDIR" in line and "nobody" in line
+        assert private in line and "TMPDIR" in line and "nobody" in line and "closed to" in line
         assert "unreachable" not in result.stderr and "is up" not in result.stderr
     finally:
         shutil.rmtree(private)
