@@ -23,6 +23,7 @@ from lmgate.allowlist import AllowListError, load_allowlist
 from lmgate.nginx_conf import RenderError, find_nginx, write_config
 from lmgate.redact import redact
 from lmgate.settings import Settings
+from lmgate.tls import CertWatcher
 
 log = logging.getLogger("lmgate.up")
 
@@ -54,6 +55,8 @@ class NginxProcess:
         self.runtime_dir = (runtime_dir or settings.proxy.runtime_dir).resolve()
         self.binary = find_nginx(settings.proxy.nginx_binary)
         self.conf = write_config(settings, self.runtime_dir / "nginx.conf", self.runtime_dir)
+        # TLS: the certificate and key are checked now, then watched for renewal (lmgate/tls.py).
+        self.certs = CertWatcher(settings)
         self.proc: subprocess.Popen | None = None
         hosts = {urlsplit(p.upstream).hostname for p in settings.providers.values()}
         hosts.add(settings.server.reachable_host)
@@ -80,13 +83,17 @@ class NginxProcess:
         if changed:
             log.info("address of %s changed; reloading nginx", ", ".join(changed))
             self._addresses.update({h: fresh[h] for h in changed})
-            # Rendered again first: the reload restarts nginx's connection serial numbers, and a
-            # new instance id keeps request ids unique (nginx.conf.template, lmgate_spool).
-            try:
-                write_config(self.settings, self.conf, self.runtime_dir)
-            except (OSError, RenderError) as exc:
-                log.error("cannot render nginx's config again (%s); reloading the one it has", exc)
-            self.proc.send_signal(signal.SIGHUP)
+            self.reload()
+
+    def reload(self) -> None:
+        """Reload nginx (SIGHUP: graceful, calls in flight finish on the old workers)."""
+        # Rendered again first: the reload restarts nginx's connection serial numbers, and a
+        # new instance id keeps request ids unique (nginx.conf.template, lmgate_spool).
+        try:
+            write_config(self.settings, self.conf, self.runtime_dir)
+        except (OSError, RenderError) as exc:
+            log.error("cannot render nginx's config again (%s); reloading the one it has", exc)
+        self.proc.send_signal(signal.SIGHUP)
 
     def _cmd(self, *extra: str) -> list[str]:
         return [str(self.binary), "-p", str(self.runtime_dir), "-c", str(self.conf), *extra]
@@ -130,6 +137,7 @@ def run_nginx(settings: Settings) -> int:
             log.error("nginx exited with code %s", nginx.proc.returncode)
             return 1
         nginx.reload_if_addresses_changed()
+        nginx.certs.poll(nginx.reload)
     nginx.stop()
     return 0
 
@@ -171,8 +179,9 @@ class Up:
         except AllowListError as exc:
             raise StartError(str(exc)) from None
         for what, host, port in (("proxy.port", s.proxy.host, s.proxy.port),
+                                 ("proxy.http_port", s.proxy.host, s.proxy.http_port),
                                  ("server.port", s.server.host, s.server.port)):
-            if port_in_use(host, port, socket.SOCK_STREAM):
+            if port and port_in_use(host, port, socket.SOCK_STREAM):
                 raise StartError(f"port {port} on {host} ({what}) is already in use; stop what uses it "
                                  f"or set LMGATE_{what.upper().replace('.', '__')}")
         try:
@@ -204,9 +213,9 @@ class Up:
         try:
             self._start_sidecar()
             self.nginx.start()
-            log.info("LMGate is up: clients use http://%s:%d/<provider>/... (sidecar %s:%d)",
-                     self.settings.proxy.host, self.settings.proxy.port,
-                     self.settings.server.host, self.settings.server.port)
+            log.info("LMGate is up: clients use %s://%s:%d/<provider>/... (sidecar %s:%d)",
+                     "https" if self.settings.proxy.tls_cert_path else "http",
+                     self.settings.proxy.host, self.settings.proxy.port, self.settings.server.host, self.settings.server.port)
             return self._supervise()
         finally:
             self._stop()
@@ -218,6 +227,7 @@ class Up:
                 log.error("nginx exited with code %s; stopping", self.nginx.proc.returncode)
                 return 1
             self.nginx.reload_if_addresses_changed()
+            self.nginx.certs.poll(self.nginx.reload)
             if self.sidecar.poll() is not None:
                 # nginx fails closed (403) meanwhile; bring the sidecar back.
                 delay = RESTART_BACKOFF_SECONDS[min(restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
