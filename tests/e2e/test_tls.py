@@ -161,6 +161,12 @@ def test_http_port_serves_the_same_api_in_plain_http(tls_gate, mock_upstream):
                                                                                 "alice")
 
 
+def test_the_compose_health_check_passes_with_tls_on(tls_gate):
+    from tests.e2e.test_container_entrypoints import compose_healthcheck, run_healthcheck
+    result = run_healthcheck(compose_healthcheck("nginx", tls_gate.port, 8080))
+    assert result.returncode == 0, result.stderr
+
+
 def test_tls_sessions_resume_and_tls12_clients_connect(tls_gate, ca):
     port = tls_gate.port
 
