@@ -19,7 +19,7 @@ stats records LMGate writes can be checked against the requests that really went
 
 CPU split: wrk and the mock on core 0, nginx (and the sidecar) on core 1, for (b) and (c) alike.
 
-    python scripts/bench.py                    # all cases, 1 and 64 connections (~5 minutes)
+    python scripts/bench.py                    # all cases, 1 and 64 connections (~7 minutes)
     python scripts/bench.py --smoke            # a few seconds per run; exit 1 unless records == requests
     python scripts/bench.py --soak 600         # 10 minutes at full load: sidecar RSS start/end
     python scripts/bench.py --json             # JSON on stdout, the tables on stderr
