@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -234,29 +235,78 @@ def renewing_gate(ca, mock_upstream, tmp_path):
     g.stop()
 
 
+class OpenStream:
+    """A streamed call held open: `first()` returns its first bytes, `rest()` the remainder, its
+    HTTP version and status."""
+
+
+class HttpxStream(OpenStream):
+    """httpx2 over HTTP/1.1: what the SDKs use by default."""
+
+    def __init__(self, url: str, body: dict, ca: TestCA, workdir: Path) -> None:
+        self.client = Client(ca.client_context(), http2=False).http
+        self.cm = self.client.stream("POST", url, headers=bearer(ALICE_KEY), json=body)
+        self.response = self.cm.__enter__()
+        self.chunks = self.response.iter_bytes()
+
+    def first(self) -> bytes:
+        return next(self.chunks)
+
+    def rest(self) -> tuple[bytes, str, int]:
+        data = b"".join(self.chunks)
+        self.cm.__exit__(None, None, None)
+        return data, self.response.http_version, self.response.status_code
+
+
+class CurlStream(OpenStream):
+    """curl over HTTP/2 (nghttp2). Not httpx2: httpcore ends every stream of an HTTP/2 connection
+    once the server sends GOAWAY, also those the server goes on to finish, as nginx does when it
+    reloads (README, TLS)."""
+
+    def __init__(self, url: str, body: dict, ca: TestCA, workdir: Path) -> None:
+        headers = workdir / "curl-headers.txt"  # not on the command line: the key stays out of `ps`
+        headers.write_text(f"Authorization: Bearer {ALICE_KEY}\nContent-Type: application/json\n")
+        self.proc = subprocess.Popen(
+            ["curl", "--http2", "-sS", "-N", "--cacert", str(ca.ca_file), "-H", f"@{headers}",
+             "--data-binary", json.dumps(body), "-w", "\n%{http_version} %{http_code}", url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def first(self) -> bytes:
+        return os.read(self.proc.stdout.fileno(), 65536)
+
+    def rest(self) -> tuple[bytes, str, int]:
+        out, err = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, err
+        data, _, trailer = out.rpartition(b"\n")
+        version, code = trailer.decode().split()
+        return data, {"2": "HTTP/2"}.get(version, version), int(code)
+
+
+@pytest.mark.parametrize("stream_class", [HttpxStream, CurlStream], ids=["http1.1-httpx2", "http2-curl"])
 def test_a_renewed_certificate_is_served_to_new_connections_while_an_open_stream_finishes(
-        renewing_gate, mock_upstream, ca):
+        stream_class, renewing_gate, mock_upstream, ca, tmp_path):
+    if stream_class is CurlStream and not shutil.which("curl"):
+        pytest.skip("curl is not installed")
     gate = renewing_gate
     meta, body = load_fixture("openai/chat_completions_stream_include_usage")
     parts = [p + b"\n\n" for p in body.split(b"\n\n") if p]
-    release = mock_upstream.reply("*", Reply(status=200, content_type=meta["content_type"], chunks=parts,
-                                             release_last=__import__("threading").Event())).release_last
+    release = threading.Event()
+    mock_upstream.reply("*", Reply(status=200, content_type=meta["content_type"], chunks=parts, release_last=release))
     context = ca.client_context()
     assert served_fingerprint(gate.port, context) == fingerprint(gate.first)
     mark = gate.mark()
-    client = Client(context)
-    with client.http.stream("POST", f"{gate.base('openai')}/v1/chat/completions", headers=bearer(ALICE_KEY),
-                            json={"model": "gpt-4o", "stream": True, "messages": []}) as stream:
-        chunks = stream.iter_bytes()
-        received = next(chunks)  # the stream is open, its last event held back by the mock
-        renewed_crt, renewed_key = ca.issue("renewed", ["localhost"], ["127.0.0.1"])
-        gate.secret.publish(renewed_crt.read_bytes(), renewed_key.read_bytes())
-        wait_until(lambda: served_fingerprint(gate.port, context) == fingerprint(renewed_crt), 10,
-                   "new connections to get the renewed certificate")
-        release.set()
-        received += b"".join(chunks)
-    assert stream.status_code == 200 and stream.http_version == "HTTP/2"
-    assert received == body, "the stream opened before the renewal finished intact"
+    stream = stream_class(f"{gate.base('openai')}/v1/chat/completions",
+                          {"model": "gpt-4o", "stream": True, "messages": []}, ca, tmp_path)
+    received = stream.first()  # the stream is open, its last event held back by the mock
+    assert received
+    renewed_crt, renewed_key = ca.issue("renewed", ["localhost"], ["127.0.0.1"])
+    gate.secret.publish(renewed_crt.read_bytes(), renewed_key.read_bytes())
+    wait_until(lambda: served_fingerprint(gate.port, context) == fingerprint(renewed_crt), 10,
+               "new connections to get the renewed certificate")
+    release.set()
+    rest, version, status = stream.rest()
+    assert (status, version) == (200, "HTTP/1.1" if stream_class is HttpxStream else "HTTP/2")
+    assert received + rest == body, "the stream opened before the renewal finished intact"
     [record] = gate.new_records(mark, 1)
     assert (record["status"], record["error_type"], record["model"], record["input_tokens"],
             record["output_tokens"]) == (200, None, meta["expected"]["model"], meta["expected"]["input_tokens"],
