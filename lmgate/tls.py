@@ -134,6 +134,9 @@ class CertWatcher:
         self.interval = settings.auth.poll_interval_seconds
         self.info = check_pair(self.cert, self.key)
         log.info("TLS certificate %s (%s)", self.cert, _describe(self.info))
+        if os.stat(self.key).st_mode & 0o004:
+            log.warning("%s: %s is readable by every user of this machine; make it readable by LMGate's user "
+                        "only (chmod o-r)", KEY_SETTING, self.key)
         self._served = self._signature()
         self._pending: tuple | None = None  # a replaced pair that did not check out, looked at again soon
         self._refused: tuple | None = None  # the last pair reported as bad, to report it once

@@ -230,3 +230,16 @@ def test_watcher_refuses_a_bad_pair_once_and_keeps_the_previous(watched, ca, cap
 def test_watcher_is_off_without_tls():
     watcher = CertWatcher(load_settings(SHIPPED_CONFIG, environ={}))
     assert not watcher.poll(lambda: pytest.fail("no reload without TLS"))
+
+
+def test_a_key_every_user_can_read_is_warned_about(ca, tmp_path, caplog):
+    crt, key = ca.issue("open", ["localhost"])
+    s = _settings(tls_cert_path=crt, tls_key_path=key)
+    for mode, warned in ((0o600, False), (0o640, False), (0o644, True)):
+        key.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lmgate.tls"):
+            CertWatcher(s)
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert messages == ([f"proxy.tls_key_path: {key} is readable by every user of this machine; make it "
+                             "readable by LMGate's user only (chmod o-r)"] if warned else []), oct(mode)
