@@ -70,7 +70,7 @@ def test_render_with_tls_listens_with_ssl_and_http2(tmp_path):
     assert f'ssl_certificate_key "{os.getcwd()}/rel/key.pem";' in text  # as the checks resolve it
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in text
     assert "error_page 497 = @lmgate_https_required;" in text
-    assert len(re.findall(r"^\s*listen ", text, re.M)) == 1, "no plain-HTTP port unless asked"
+    assert len(re.findall(r"^\s*listen (?!unix:)", text, re.M)) == 1, "no plain-HTTP port unless asked"
 
 
 def test_render_with_http_port_adds_a_plain_listener(tmp_path):
