@@ -79,6 +79,29 @@ def certificate_expiry(path: Path | str) -> datetime.datetime:
     return certificate_info(path).not_after
 
 
+# `lmgate doctor` calls a certificate that expires sooner than this a problem: certbot renews at
+# 30 days left, so 14 means renewal has been failing for two weeks.
+EXPIRY_WARNING_DAYS = 14
+
+
+def certificate_status(settings: Settings, now: datetime.datetime | None = None) -> tuple[bool, str, str]:
+    """For `lmgate doctor`: (ok, what, fix) about the certificate nginx is configured with."""
+    proxy = settings.proxy
+    if not proxy.tls_cert_path:
+        return (True, "TLS is off: clients speak plain HTTP to proxy.port (fine on loopback only)",
+                "set proxy.tls_cert_path and proxy.tls_key_path (README, TLS) when clients reach it over a network")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    try:
+        info = check_pair(proxy.tls_cert_path, proxy.tls_key_path, now)
+    except TLSError as exc:
+        return False, str(exc), "fix the named file; a running gate keeps serving the certificate it has"
+    days = (info.not_after - now).days
+    what = f"{proxy.tls_cert_path}: {_describe(info)} ({days} days left)"
+    if days < EXPIRY_WARNING_DAYS:
+        return False, what, "renew it (certbot renew, or update the Secret); LMGate reloads nginx when the files change"
+    return True, what, ""
+
+
 def check_pair(cert_path: Path | str, key_path: Path | str,
                now: datetime.datetime | None = None) -> CertInfo:
     """Check that nginx can serve this pair: the certificate parses and is valid now, the key is an

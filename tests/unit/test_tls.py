@@ -15,7 +15,7 @@ import pytest
 from lmgate import tls
 from lmgate.nginx_conf import render
 from lmgate.settings import ConfigError, load_settings
-from lmgate.tls import CertWatcher, TLSError, certificate_expiry, check_pair
+from lmgate.tls import CertWatcher, TLSError, certificate_expiry, certificate_status, check_pair
 from tests.support.tls_certs import TestCA, fingerprint
 from tests.unit.conftest import SHIPPED_CONFIG
 
@@ -243,3 +243,22 @@ def test_a_key_every_user_can_read_is_warned_about(ca, tmp_path, caplog):
         messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert messages == ([f"proxy.tls_key_path: {key} is readable by every user of this machine; make it "
                              "readable by LMGate's user only (chmod o-r)"] if warned else []), oct(mode)
+
+
+def test_certificate_status_for_doctor(ca, tmp_path):
+    crt, key = ca.issue("doctor", ["localhost"])
+    s = _settings(tls_cert_path=crt, tls_key_path=key)
+    ok, what, fix = certificate_status(s)
+    assert not ok and what.startswith(f"{crt}: CN=localhost, serial ") and "(0 days left)" in what
+    assert fix.startswith("renew it")
+    later = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=20)
+    ok, what, fix = certificate_status(s, now=later)  # not valid yet then
+    assert not ok and "is not valid before" in what
+    far = ca.issue("far", ["localhost"], days=60)
+    ok, what, _ = certificate_status(_settings(tls_cert_path=far[0], tls_key_path=far[1]))
+    assert ok and "(59 days left)" in what
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=50)
+    ok, what, fix = certificate_status(_settings(tls_cert_path=far[0], tls_key_path=far[1]), now=soon)
+    assert not ok and "(9 days left)" in what
+    ok, what, fix = certificate_status(load_settings(SHIPPED_CONFIG, environ={}))
+    assert ok and what.startswith("TLS is off")
