@@ -29,6 +29,7 @@ from lmgate.nginx_conf import RenderError, _temp_dir_and_user, find_nginx, rende
 from lmgate.permissions import current_user, usable, user_named
 from lmgate.redact import redact
 from lmgate.settings import ConfigError, Settings, load_settings
+from lmgate.tls import certificate_status
 from lmgate.upstreams import provider_hosts, resolve
 
 CANARY_PATH = "/_lmgate/canary/"
@@ -123,8 +124,11 @@ def check_nginx_config(settings: Settings) -> Check:
 # ---- the sidecar and the allow-list
 
 def _get(url: str, timeout: float) -> tuple[int, bytes]:
+    # The canary carries no credential, and the certificate has a check of its own ("tls"): a
+    # gate reached by an address its certificate does not name must still be checked.
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -204,6 +208,8 @@ def default_gate_url(settings: Settings) -> str:
     host = settings.proxy.host
     host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     host = f"[{host}]" if ":" in host else host
+    if settings.proxy.tls_cert_path:
+        return f"https://{host}:{settings.proxy.port}"
     return f"http://{host}:{settings.proxy.port}"
 
 
@@ -295,9 +301,16 @@ def check_provider(settings: Settings, name: str, timeout: float) -> Check:
     return _ok(label, f"{host}:{port} resolves and answers {version} with a verified certificate")
 
 
+# ---- TLS on the front door: the certificate nginx serves, and its expiry
+
+def check_tls(settings: Settings) -> Check:
+    ok, what, fix = certificate_status(settings)
+    return _ok("tls", what) if ok else _problem("tls", what, fix)
+
+
 # ---- the command
 
-GROUPS = ("nginx", "sidecar", "folders", "canary", "providers")
+GROUPS = ("nginx", "tls", "sidecar", "folders", "canary", "providers")
 SKIP_ENV = "LMGATE_DOCTOR_SKIP"
 
 
@@ -310,6 +323,8 @@ def run_checks(config: Path | None, gate_url: str | None, timeout: float = TIMEO
         return checks
     if "nginx" in groups:
         checks.append(check_nginx_config(settings))
+    if "tls" in groups:
+        checks.append(check_tls(settings))
     if "sidecar" in groups:
         checks.extend(check_sidecar(settings, timeout)[0])
     if "folders" in groups:

@@ -25,6 +25,7 @@ from lmgate.allowlist import AllowListError, load_allowlist
 from lmgate.nginx_conf import RenderError, find_nginx, remove_stale_socket, write_config
 from lmgate.redact import redact
 from lmgate.settings import Settings
+from lmgate.tls import CertWatcher
 from lmgate.upstreams import provider_hosts, resolve, unresolved_providers
 
 log = logging.getLogger("lmgate.up")
@@ -67,6 +68,8 @@ class NginxProcess:
         self.unresolved = unresolved_providers(settings, self._addresses)
         self._warn_unresolved(self.unresolved)
         self.conf = write_config(settings, self.runtime_dir / "nginx.conf", self.runtime_dir, self.unresolved)
+        # TLS: the certificate and key are checked now, then watched for renewal (lmgate/tls.py).
+        self.certs = CertWatcher(settings)
 
     def _resolve(self) -> dict[str, frozenset[str]]:
         # Unresolvable now: an empty set, and nginx keeps what it has.
@@ -97,13 +100,18 @@ class NginxProcess:
                 log.info("provider %s: its upstream host resolves now; it is served again", name)
             self._warn_unresolved(unresolved - self.unresolved)
             self.unresolved = unresolved
-            # Rendered again first: the reload restarts nginx's connection serial numbers, and a
-            # new instance id keeps request ids unique (nginx.conf.template, lmgate_spool).
-            try:
-                write_config(self.settings, self.conf, self.runtime_dir, self.unresolved)
-            except (OSError, RenderError) as exc:
-                log.error("cannot render nginx's config again (%s); reloading the one it has", exc)
-            self.proc.send_signal(signal.SIGHUP)
+            self.reload()
+
+    def reload(self) -> None:
+        """Reload nginx (SIGHUP: graceful, calls in flight finish on the old workers)."""
+        # Rendered again first: the reload restarts nginx's connection serial numbers, and a
+        # new instance id keeps request ids unique (nginx.conf.template, lmgate_spool); what does
+        # not resolve now would fail the reload, so it is rendered to answer 502.
+        try:
+            write_config(self.settings, self.conf, self.runtime_dir, self.unresolved)
+        except (OSError, RenderError) as exc:
+            log.error("cannot render nginx's config again (%s); reloading the one it has", exc)
+        self.proc.send_signal(signal.SIGHUP)
 
     def _cmd(self, *extra: str) -> list[str]:
         return [str(self.binary), "-p", str(self.runtime_dir), "-c", str(self.conf), *extra]
@@ -169,6 +177,7 @@ def run_nginx(settings: Settings) -> int:
             log.error("nginx exited with code %s", nginx.proc.returncode)
             return 1
         nginx.reload_if_addresses_changed()
+        nginx.certs.poll(nginx.reload)
     nginx.stop()
     return 0
 
@@ -210,8 +219,9 @@ class Up:
         except AllowListError as exc:
             raise StartError(str(exc)) from None
         for what, host, port in (("proxy.port", s.proxy.host, s.proxy.port),
+                                 ("proxy.http_port", s.proxy.host, s.proxy.http_port),
                                  ("server.port", s.server.host, s.server.port)):
-            if port_in_use(host, port, socket.SOCK_STREAM):
+            if port and port_in_use(host, port, socket.SOCK_STREAM):
                 raise StartError(f"port {port} on {host} ({what}) is already in use; stop what uses it "
                                  f"or set LMGATE_{what.upper().replace('.', '__')}")
         try:
@@ -243,9 +253,9 @@ class Up:
         try:
             self._start_sidecar()
             self.nginx.start()
-            log.info("LMGate is up: clients use http://%s:%d/<provider>/... (sidecar %s:%d)",
-                     self.settings.proxy.host, self.settings.proxy.port,
-                     self.settings.server.host, self.settings.server.port)
+            log.info("LMGate is up: clients use %s://%s:%d/<provider>/... (sidecar %s:%d)",
+                     "https" if self.settings.proxy.tls_cert_path else "http",
+                     self.settings.proxy.host, self.settings.proxy.port, self.settings.server.host, self.settings.server.port)
             return self._supervise()
         finally:
             self._stop()
@@ -257,6 +267,7 @@ class Up:
                 log.error("nginx exited with code %s; stopping", self.nginx.proc.returncode)
                 return 1
             self.nginx.reload_if_addresses_changed()
+            self.nginx.certs.poll(self.nginx.reload)
             if self.sidecar.poll() is not None:
                 # nginx fails closed (403) meanwhile; bring the sidecar back.
                 delay = RESTART_BACKOFF_SECONDS[min(restarts, len(RESTART_BACKOFF_SECONDS) - 1)]

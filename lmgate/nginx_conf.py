@@ -91,6 +91,31 @@ def _seconds(value: float) -> str:
     return f"{int(value * 1000)}ms"
 
 
+def _tls(settings: Settings) -> str:
+    proxy = settings.proxy
+    if not proxy.tls_cert_path:
+        return "        # TLS is off (proxy.tls_cert_path and proxy.tls_key_path are empty)"
+    http_listen = ("        # No plain-HTTP port (proxy.http_port is 0)." if not proxy.http_port else
+                   f"        # proxy.http_port: the same API over plain HTTP.\n"
+                   f"        listen {_address(proxy.host, proxy.http_port)} reuseport backlog=4096;")
+    return _fill((NGINX_DIR / "tls.conf.template").read_text().rstrip("\n"), {
+        "HTTP_LISTEN": http_listen,
+        "CERT": _nginx_path(proxy.tls_cert_path, "proxy.tls_cert_path"),
+        "KEY": _nginx_path(proxy.tls_key_path, "proxy.tls_key_path"),
+    })
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _nginx_path(path: str, setting: str) -> str:
+    """An absolute path as one nginx token (quoted: a path may hold spaces or ';')."""
+    if "$" in path:  # nginx would read it as a variable
+        raise RenderError(f"{setting}: nginx cannot take a path with '$': {path}")
+    return '"' + str(Path(path).absolute()).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _spool_log(settings: Settings) -> str:
     return f"{settings.stats.spool_dir.resolve()}/{SPOOL_PREFIX}$lmgate_spool_slot{SPOOL_SUFFIX}"
 
@@ -205,7 +230,7 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
     module = find_njs_module(settings.proxy.njs_module) if njs_module == "auto" else njs_module
     provider_template = (NGINX_DIR / "provider.conf.template").read_text()
     host = settings.proxy.host
-    listen = f"[{host}]:{settings.proxy.port}" if ":" in host else f"{host}:{settings.proxy.port}"
+    listen = _address(host, settings.proxy.port) + (" ssl http2" if settings.proxy.tls_cert_path else "")
     sidecar = settings.server.reachable_host
     sidecar = f"[{sidecar}]" if ":" in sidecar else sidecar
     values = {
@@ -234,6 +259,7 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "AUTH_CACHE_ZONE": _auth_cache_zone(settings, temp_dir),
         "AUTH_CACHE": _auth_cache(settings),
         "LISTEN": listen,
+        "TLS": _tls(settings),
         "PROVIDER_LIST": ", ".join(settings.providers),
         "UPSTREAMS": "".join(_upstream_block(n, p.upstream, n in unresolved)
                              for n, p in settings.providers.items()),

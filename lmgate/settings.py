@@ -39,6 +39,11 @@ class ProxySettings:
     nginx_binary: str
     worker_processes: str
     runtime_dir: Path
+    # "" = TLS off (a path is a string here because empty means off).
+    tls_cert_path: str
+    tls_key_path: str
+    # 0 = no plain-HTTP port beside TLS.
+    http_port: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +243,16 @@ def _validate(s: Settings, path: Path) -> None:
         "proxy.upstream_connect_timeout_seconds": s.proxy.upstream_connect_timeout_seconds,
         "proxy.upstream_read_timeout_seconds": s.proxy.upstream_read_timeout_seconds,
     }
+    if bool(s.proxy.tls_cert_path) != bool(s.proxy.tls_key_path):
+        raise ConfigError(f"{path}: proxy.tls_cert_path and proxy.tls_key_path must be set together "
+                          f"(both empty = TLS off)")
+    if s.proxy.http_port:
+        if not s.proxy.tls_cert_path:
+            raise ConfigError(f"{path}: proxy.http_port is a plain-HTTP port beside TLS; set proxy.tls_cert_path "
+                              f"and proxy.tls_key_path, or set it to 0 (proxy.port already speaks plain HTTP)")
+        if not 1 <= s.proxy.http_port <= 65535 or s.proxy.http_port in (s.proxy.port, s.server.port):
+            raise ConfigError(f"{path}: proxy.http_port must be 0 (off) or a port between 1 and 65535 other than "
+                              f"proxy.port and server.port, got {s.proxy.http_port}")
     for key, value in positive.items():
         if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{path}: {key} must be greater than 0, got {value}")

@@ -7,6 +7,10 @@ sent by one load tool (wrk, with scripts/bench/post.lua) to:
   (b) bare nginx `proxy_pass` to it   - the floor of any nginx-based design
   (c) LMGate as shipped (`python -m lmgate up --config config/lmgate.yaml`, providers pointed at
       the mock by LMGATE_* variables), auth and stats on.
+The *-tls cases send the same request over HTTPS (TLS 1.3, keep-alive HTTP/1.1 as the SDKs'
+clients use by default) to (b) and (c), each given a TLS listener beside its plain one (the plain
+cases keep using that), so that (b) tls vs (b) plain is the cost of TLS itself and (c) tls vs
+(c) plain what it adds to LMGate. (a) stays plain: it is not run for them.
 
 The mock is a second nginx (the same binary) with the echo module: a static ~1 KB chat completion,
 a 50-event SSE stream in one write, and the same stream written one event at a time (echo_flush
@@ -15,7 +19,7 @@ stats records LMGate writes can be checked against the requests that really went
 
 CPU split: wrk and the mock on core 0, nginx (and the sidecar) on core 1, for (b) and (c) alike.
 
-    python scripts/bench.py                    # all cases, 1 and 64 connections (~5 minutes)
+    python scripts/bench.py                    # all cases, 1 and 64 connections (~7 minutes)
     python scripts/bench.py --smoke            # a few seconds per run; exit 1 unless records == requests
     python scripts/bench.py --soak 600         # 10 minutes at full load: sidecar RSS start/end
     python scripts/bench.py --json             # JSON on stdout, the tables on stderr
@@ -29,11 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -42,6 +46,8 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from lmgate.local import http_ok  # run with the interpreter that has LMGate installed
 
@@ -53,12 +59,24 @@ ECHO_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/
 ECHO_MODULE = "ngx_http_echo_module.so"
 KEY = "sk-bench-0123456789abcdef0123456789abcdef"
 PATH = "/openai/v1/chat/completions"
-CASES = ("plain", "stream", "stream-onewrite")
+CASES = ("plain", "stream", "stream-onewrite", "plain-tls", "stream-onewrite-tls")
 CASE_TITLES = {
     "plain": "plain: ~1 KB chat completion (JSON)",
     "stream": "stream: 50-event SSE, one write by the mock",
     "stream-onewrite": "stream-onewrite: 50-event SSE, one write per event (as providers send)",
+    "plain-tls": "plain-tls: the plain case over HTTPS to (b) and (c)",
+    "stream-onewrite-tls": "stream-onewrite-tls: the stream-onewrite case over HTTPS to (b) and (c)",
 }
+TLS_SUFFIX = "-tls"
+
+
+def is_tls(case: str) -> bool:
+    return case.endswith(TLS_SUFFIX)
+
+
+def base_case(case: str) -> str:
+    """What the mock answers for `case` (a -tls case is its plain-HTTP twin over HTTPS)."""
+    return case.removesuffix(TLS_SUFFIX)
 CONFIG_TITLES = {"a": "a mock direct", "b": "b bare nginx", "c": "c LMGate"}
 MODEL = "gpt-4o-mini-2024-07-18"
 STREAM_EVENTS = 50
@@ -239,7 +257,7 @@ http {{
 
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
-
+{tls}
         location /openai/ {{
             proxy_pass http://bench_mock/;
             proxy_http_version 1.1;
@@ -267,8 +285,34 @@ def render_mock(folder: Path, port: int, echo_module: Path) -> str:
                                 stream_parts=stream_parts, stream_vars=stream_vars, onewrite=onewrite)
 
 
-def render_bare(folder: Path, port: int, mock_port: int) -> str:
-    return BARE_TEMPLATE.format(dir=folder, port=port, mock_port=mock_port)
+# The TLS settings of nginx/tls.conf.template (what LMGate renders), for bare nginx's TLS listener.
+BARE_TLS = """        listen 127.0.0.1:{tls_port} ssl http2 reuseport backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305;
+        ssl_prefer_server_ciphers off;
+        ssl_session_cache shared:bench_tls:10m;
+        ssl_session_timeout 1d;
+        ssl_session_tickets off;
+"""
+
+
+def render_bare(folder: Path, port: int, mock_port: int, tls: tuple[int, Path, Path] | None = None) -> str:
+    """`tls`: (port, certificate, key) for a TLS listener beside the plain one."""
+    tls_part = BARE_TLS.format(tls_port=tls[0], cert=tls[1], key=tls[2]) if tls else ""
+    return BARE_TEMPLATE.format(dir=folder, port=port, mock_port=mock_port, tls=tls_part)
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1 (the kind certbot issues by default)."""
+    cert, key = folder / "tls.crt", folder / "tls.key"
+    done = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                           "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                           "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"openssl could not make the TLS cases' certificate: {done.stderr.strip()[-300:]}")
+    return cert, key
 
 
 # ---------------------------------------------------------------- processes
@@ -514,18 +558,21 @@ class RecordTally:
 class Gate:
     """LMGate as shipped: `python -m lmgate up --config config/lmgate.yaml` with LMGATE_* overrides."""
 
-    def __init__(self, folder: Path, mock_port: int, cpu: Cpu, core: str, config: Path = CONFIG) -> None:
+    def __init__(self, folder: Path, mock_port: int, cpu: Cpu, core: str, config: Path = CONFIG,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: (certificate, key): TLS on proxy.port (tls_port), plain HTTP on proxy.http_port (port)."""
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "allowlist.csv").write_text(f"id,api_key,owner,added\nbench,{KEY},bench@example.com,2026-01-01\n")
         self.stats_dir = folder / "stats"
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
         self.sidecar_port = free_port()
         upstream = f"http://127.0.0.1:{mock_port}"
         env = {
             **os.environ,
             "LMGATE_PROXY__HOST": "127.0.0.1",
-            "LMGATE_PROXY__PORT": str(self.port),
+            "LMGATE_PROXY__PORT": str(self.tls_port or self.port),
             "LMGATE_PROXY__RUNTIME_DIR": str(folder / "run"),
             "LMGATE_PROXY__WORKER_PROCESSES": "1",
             "LMGATE_SERVER__HOST": "127.0.0.1",
@@ -536,10 +583,13 @@ class Gate:
             "LMGATE_STATS__SPOOL_DIR": str(folder / "spool"),
             **{f"LMGATE_PROVIDERS__{p}__UPSTREAM": upstream for p in ("OPENAI", "ANTHROPIC", "GOOGLE", "GEMINI")},
         }
+        if tls:
+            env.update({"LMGATE_PROXY__TLS_CERT_PATH": str(tls[0]), "LMGATE_PROXY__TLS_KEY_PATH": str(tls[1]),
+                        "LMGATE_PROXY__HTTP_PORT": str(self.port)})
         # Any other port the config declares (a future server.*_port) gets a free one too.
-        for key in re.findall(r"^  (\w+_port):", config.read_text(), re.M):
+        for key in yaml.safe_load(config.read_text()).get("server") or {}:
             name = f"LMGATE_SERVER__{key.upper()}"
-            if key != "port" and name not in env:
+            if key.endswith("_port") and name not in env:
                 env[name] = str(free_port())
         env.pop("LMGATE_CONFIG", None)
         self.proc = Proc("lmgate", cpu.on(core) + [sys.executable, "-m", "lmgate", "up", "--config", str(config)],
@@ -609,7 +659,7 @@ class Load:
         self.bodies = {}
         for case in CASES:
             path = folder / f"body-{case}.json"
-            path.write_bytes(request_body(case != "plain"))
+            path.write_bytes(request_body(base_case(case) != "plain"))
             self.bodies[case] = path
 
     def run(self, config: str, url: str, case: str, conns: int, duration: int, drain: bool) -> Run:
@@ -618,7 +668,7 @@ class Load:
         total = duration + (DRAIN_SECONDS if drain else 0)
         cmd = self.cpu.on(self.cpu.load_core) + ["wrk", "-t1", f"-c{conns}", f"-d{total}s", "--timeout", "10s",
                                                  "-s", str(LUA), url]
-        env = {**os.environ, "BENCH_BODY_FILE": str(self.bodies[case]), "BENCH_KEY": KEY, "BENCH_MODE": case,
+        env = {**os.environ, "BENCH_BODY_FILE": str(self.bodies[case]), "BENCH_KEY": KEY, "BENCH_MODE": base_case(case),
                "BENCH_STOP_AFTER": str(duration if drain else 0)}
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=total + 60)
@@ -678,6 +728,7 @@ class Bench:
         self.bare: Nginx | None = None
         self.gate: Gate | None = None
         self.served: LineCounter | None = None
+        self.tls_context: ssl.SSLContext | None = None
         self.runs: list[Run] = []
         self.checks: list[RecordCheck] = []
         self.rss: dict[str, int | None] = {}
@@ -693,16 +744,23 @@ class Bench:
         self.mock = Nginx("mock", self.folder / "mock", render_mock(self.folder / "mock", mock_port, echo),
                           mock_port, self.cpu, self.cpu.load_core)
         self.served = LineCounter(self.folder / "mock", "served.log")
+        tls = make_certificate(self.folder) if any(map(is_tls, self.args.cases)) else None
+        self.tls_context = ssl.create_default_context(cafile=str(tls[0])) if tls else None
         if bare:
-            port = free_port()
-            self.bare = Nginx("bare nginx", self.folder / "bare", render_bare(self.folder / "bare", port, mock_port),
+            port, tls_port = free_port(), free_port()
+            self.bare = Nginx("bare nginx", self.folder / "bare",
+                              render_bare(self.folder / "bare", port, mock_port, (tls_port, *tls) if tls else None),
                               port, self.cpu, self.cpu.gate_core)
-        self.gate = Gate(self.folder / "gate", mock_port, self.cpu, self.cpu.gate_core, self.args.config)
+            self.bare.tls_port = tls_port if tls else None
+        self.gate = Gate(self.folder / "gate", mock_port, self.cpu, self.cpu.gate_core, self.args.config, tls)
         self.rss["sidecar_start_kb"] = rss_kb(self.gate.sidecar)
         self.rss["nginx_worker_start_kb"] = rss_kb(self.gate.nginx_worker)
         self._check_responses()
 
-    def url(self, config: str) -> str:
+    def url(self, config: str, case: str) -> str:
+        if is_tls(case) and config != "a":
+            port = {"b": self.bare.tls_port if self.bare else 0, "c": self.gate.tls_port}[config]
+            return f"https://127.0.0.1:{port}{PATH}"
         port = {"a": self.mock.port, "b": self.bare.port if self.bare else 0, "c": self.gate.port}[config]
         return f"http://127.0.0.1:{port}{PATH}"
 
@@ -711,18 +769,18 @@ class Bench:
         for case in self.args.cases:
             bodies = {}
             for config in ("a", "b", "c") if self.bare else ("a", "c"):
-                req = urllib.request.Request(self.url(config), data=self.load.bodies[case].read_bytes(),
-                                             headers={"Authorization": f"Bearer {KEY}", "X-Bench-Mode": case,
+                req = urllib.request.Request(self.url(config, case), data=self.load.bodies[case].read_bytes(),
+                                             headers={"Authorization": f"Bearer {KEY}", "X-Bench-Mode": base_case(case),
                                                       "Content-Type": "application/json"})
                 try:
-                    with urllib.request.urlopen(req, timeout=5) as resp:
+                    with urllib.request.urlopen(req, timeout=5, context=self.tls_context) as resp:
                         bodies[config] = (resp.status, resp.read())
                 except OSError as exc:
                     raise BenchError(f"{CONFIG_TITLES[config]} did not answer {case}: {exc}") from None
             if len({b for b in bodies.values()}) != 1 or bodies["a"][0] != 200:
                 raise BenchError(f"the configurations answer {case} differently: "
                                  f"{ {k: (s, len(b)) for k, (s, b) in bodies.items()} }")
-            if case != "plain" and bodies["a"][1].count(b"data: ") != STREAM_EVENTS + 1:
+            if base_case(case) != "plain" and bodies["a"][1].count(b"data: ") != STREAM_EVENTS + 1:
                 raise BenchError(f"the mock's {case} stream does not have {STREAM_EVENTS} events")
         # Those requests went through LMGate too: wait for their records so the first run starts clean.
         self._settle_mock()
@@ -758,7 +816,7 @@ class Bench:
         ticks = {name: cpu_ticks(pid) for name, pid in pids.items()}
         cores = core_ticks()
         wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        result = self.load.run(config, self.url(config), case, conns, duration, drain=gated)
+        result = self.load.run(config, self.url(config, case), case, conns, duration, drain=gated)
         wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         for prof in profilers:
             try:
@@ -871,7 +929,7 @@ class Bench:
         # LMGate's last records flush, then bare nginx; then the records check.
         for case in args.cases:
             for conns in args.conns:
-                for config in ("c", "a", "b"):
+                for config in ("c", "b") if is_tls(case) else ("c", "a", "b"):
                     r = self.run(config, case, conns, args.duration)
                     say(f"  {case:16s} c={conns:<3d} {CONFIG_TITLES[config]:14s} {r.rps:9.0f} req/s  "
                         f"p50 {r.p50_ms:6.2f}  p90 {r.p90_ms:6.2f}  p99 {r.p99_ms:6.2f} ms"
@@ -945,10 +1003,13 @@ class Bench:
                     case_out["runs"][f"{config}@{conns}"] = r.as_dict()
             for conns in args.conns:
                 a, b, c = (self._get(x, case, conns) for x in "abc")
-                if a and b and c and b.rps and a.rps:
-                    cb, ca = c.rps / b.rps, c.rps / a.rps
-                    say(f"ratios @{conns}: (c)/(b) = {cb:.3f}   (c)/(a) = {ca:.3f}")
-                    case_out["ratios"][str(conns)] = {"c_over_b": round(cb, 4), "c_over_a": round(ca, 4)}
+                if b and c and b.rps:
+                    cb = c.rps / b.rps
+                    ca = c.rps / a.rps if a and a.rps else None
+                    say(f"ratios @{conns}: (c)/(b) = {cb:.3f}" + (f"   (c)/(a) = {ca:.3f}" if ca else ""))
+                    case_out["ratios"][str(conns)] = {"c_over_b": round(cb, 4)}
+                    if ca:
+                        case_out["ratios"][str(conns)]["c_over_a"] = round(ca, 4)
                     core = f"core{self.cpu.gate_core}"
                     b_us, c_us = b.core_us_per_req.get(core), c.core_us_per_req.get(core)
                     if b_us and c_us and self.cpu.taskset:
@@ -956,6 +1017,8 @@ class Bench:
                         say(f"   proxy-core CPU per request @{conns}: (b) {b_us:.0f} us, (c) {c_us:.0f} us "
                             f"-> (b)/(c) = {b_us / c_us:.3f}")
                         case_out["ratios"][str(conns)]["cpu_b_over_c"] = round(b_us / c_us, 4)
+            if is_tls(case):
+                self._tls_cost(case, case_out)
             b1, c1 = self._get("b", case, lo), self._get("c", case, lo)
             if b1 and c1:
                 added = c1.p50_ms - b1.p50_ms
@@ -1016,6 +1079,30 @@ class Bench:
         if args.json:
             print(json.dumps(summary, indent=2))
         return 0 if records_ok else 1
+
+    def _tls_cost(self, case: str, case_out: dict) -> None:
+        """What TLS adds per request: the TLS case against its plain twin, for (b) and (c)."""
+        core = f"core{self.cpu.gate_core}"
+        for conns in self.args.conns:
+            for config in ("b", "c"):
+                plain, tls = self._get(config, base_case(case), conns), self._get(config, case, conns)
+                if not (plain and tls and plain.rps):
+                    continue
+                cost = {"rps_plain": plain.rps, "rps_tls": tls.rps, "p50_added_ms": round(tls.p50_ms - plain.p50_ms, 4)}
+                line = (f"TLS cost @{conns} {CONFIG_TITLES[config]}: {plain.rps:.0f} -> {tls.rps:.0f} req/s "
+                        f"({tls.rps / plain.rps - 1:+.1%}), p50 {cost['p50_added_ms'] * 1000:+.0f} us")
+                # The nginx worker's own CPU is the cost of TLS itself; the proxy core's also counts
+                # whatever else ran on it (the sidecar; other jobs on a shared machine).
+                p_us, t_us = plain.cpu_us_per_req.get("nginx"), tls.cpu_us_per_req.get("nginx")
+                if p_us and t_us:
+                    cost["nginx_us_added"] = round(t_us - p_us, 1)
+                    line += f", nginx worker CPU {p_us:.0f} -> {t_us:.0f} us/request ({t_us - p_us:+.0f} us)"
+                p_us, t_us = plain.core_us_per_req.get(core), tls.core_us_per_req.get(core)
+                if p_us and t_us and self.cpu.taskset:
+                    cost["proxy_core_us_added"] = round(t_us - p_us, 1)
+                    line += f", proxy core {p_us:.0f} -> {t_us:.0f} us ({t_us - p_us:+.0f})"
+                say(line)
+                case_out.setdefault("tls_cost", {})[f"{config}@{conns}"] = cost
 
     def _mib(self, key: str) -> str:
         kb = self.rss.get(key)

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from tests.support.gate import ALICE_KEY, CONFIG, wait_until
-from tests.support.tls_upstream import TestCA, TlsUpstream
+from tests.support.tls_certs import TestCA
+from tests.support.tls_upstream import TlsUpstream
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +66,7 @@ def test_doctor_checks_a_running_gate(own_gate, mock_upstream, tls_upstream):
     code, out = doctor(gate, LMGATE_PROVIDERS__ANTHROPIC__UPSTREAM=mock_upstream.url)
     assert code == 0, out
     lines = out.strip().splitlines()
-    assert len(lines) == 5 + 1 + 4 and all(line.startswith("ok ") for line in lines), out
+    assert len(lines) == 6 + 1 + 4 and all(line.startswith("ok ") for line in lines), out
 
 
 def test_doctor_names_what_is_wrong(own_gate, mock_upstream):
@@ -91,7 +92,7 @@ def test_doctor_names_what_is_wrong(own_gate, mock_upstream):
     # are left to nginx's container).
     code, out = doctor(gate, LMGATE_DOCTOR_SKIP="providers,sidecar,canary")
     assert code == 0, out
-    assert [line.split()[1] for line in out.strip().splitlines()] == ["config", "nginx", "folders"]
+    assert [line.split()[1] for line in out.strip().splitlines()] == ["config", "nginx", "tls", "folders"]
 
 
 def test_doctor_with_a_bad_config_names_it(own_gate, tmp_path):

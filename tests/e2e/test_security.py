@@ -28,7 +28,8 @@ from tests.support.http_head import parse_response
 from tests.support.hardening import (QUERY_KEY, SUITE_KEYS, find_leaks, gate_outputs, known_bug,
                                      readyz)
 from tests.support.mock_upstream import MockUpstream
-from tests.support.tls_upstream import TestCA, TlsUpstream
+from tests.support.tls_certs import TestCA
+from tests.support.tls_upstream import TlsUpstream
 
 pytestmark = pytest.mark.e2e
 

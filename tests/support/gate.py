@@ -8,10 +8,12 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from lmgate.local import http_ok  # noqa: F401 - the health check the tests share with `lmgate up`
@@ -57,8 +59,18 @@ def spool_dir(workdir: Path) -> Path:
     return folder
 
 
+def https_ok(url: str, context: ssl.SSLContext) -> bool:
+    """http_ok over HTTPS, trusting `context`'s CA."""
+    try:
+        with urllib.request.urlopen(url, timeout=1, context=context) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
 class Gate:
-    def __init__(self, workdir: Path, upstream_url: str, **env: str) -> None:
+    def __init__(self, workdir: Path, upstream_url: str, tls: ssl.SSLContext | None = None, **env: str) -> None:
+        """`tls`: the context a client trusting the gate's certificate uses (with TLS settings in `env`)."""
         import hashlib
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +101,8 @@ class Gate:
             **env,
         }
         self.proc: subprocess.Popen | None = None
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     def add_key(self, id: str, key: str, owner: str) -> str:
         """Append a row to the allow-list; return the text it had before."""
@@ -115,7 +128,8 @@ class Gate:
         return self.proc.poll() is not None
 
     def _healthy(self) -> bool:
-        return http_ok(self.url + "/healthz") and (self.command == "nginx" or http_ok(self.sidecar_url("/livez")))
+        up = https_ok(self.url + "/healthz", self.tls) if self.tls else http_ok(self.url + "/healthz")
+        return up and (self.command == "nginx" or http_ok(self.sidecar_url("/livez")))
 
     def sidecar_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.sidecar_port}{path}"
