@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lmgate.providers import PROVIDERS, error_body
+from lmgate.providers import PROVIDERS, STREAM_USAGE_PATHS, error_body
 from lmgate.settings import Settings
 from lmgate.spool import SPOOL_PREFIX, SPOOL_SUFFIX
 
@@ -125,7 +125,17 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
         "SPOOL_LOG": _spool_log(settings),
         "DROP_HEADERS": "\n".join(f'            proxy_set_header {h} "";' for h in LMGATE_HEADERS),
     })
+    values["STREAM_USAGE_LOCATIONS"] = _stream_usage_locations(name, settings, values)
     return _fill(template, values)
+
+
+def _stream_usage_locations(name: str, settings: Settings, values: dict[str, str]) -> str:
+    """stats.ensure_stream_usage: the nested locations for the provider's stream endpoints."""
+    paths = STREAM_USAGE_PATHS.get(name, ())
+    if not (settings.stats.ensure_stream_usage and paths):
+        return "            # no stream request is rewritten here (stats.ensure_stream_usage)"
+    template = (NGINX_DIR / "openai_stream_usage.conf.template").read_text()
+    return "".join(_fill(template, {**values, "PATH": path}) for path in paths)
 
 
 def _auth_cache_zone(settings: Settings, temp_dir: Path) -> str:

@@ -28,6 +28,13 @@ PROVIDERS: dict[str, Provider] = {
 }
 
 
+# Streams that report usage only when the request asks for it (`stream_options.include_usage`):
+# with stats.ensure_stream_usage, LMGate asks for it on these paths (as the client sends them).
+STREAM_USAGE_PATHS: dict[str, tuple[str, ...]] = {
+    "openai": ("/v1/chat/completions", "/v1/completions"),
+}
+
+
 def error_body(api: str, status: int, message: str, kind: str) -> str:
     """A JSON error in the provider's own shape, so each SDK raises its usual exception.
 

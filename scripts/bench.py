@@ -53,11 +53,12 @@ ECHO_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/
 ECHO_MODULE = "ngx_http_echo_module.so"
 KEY = "sk-bench-0123456789abcdef0123456789abcdef"
 PATH = "/openai/v1/chat/completions"
-CASES = ("plain", "stream", "stream-onewrite")
+CASES = ("plain", "stream", "stream-onewrite", "stream-no-usage")
 CASE_TITLES = {
     "plain": "plain: ~1 KB chat completion (JSON)",
     "stream": "stream: 50-event SSE, one write by the mock",
     "stream-onewrite": "stream-onewrite: 50-event SSE, one write per event (as providers send)",
+    "stream-no-usage": "stream-no-usage: stream-onewrite asked without include_usage (rewritten by LMGate)",
 }
 CONFIG_TITLES = {"a": "a mock direct", "b": "b bare nginx", "c": "c LMGate"}
 MODEL = "gpt-4o-mini-2024-07-18"
@@ -88,7 +89,7 @@ def _dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def request_body(stream: bool) -> bytes:
+def request_body(stream: bool, include_usage: bool = True) -> bytes:
     """A ~1 KB chat completion request, as the openai SDK sends it."""
     system = ("You are a careful assistant for a logistics company. Answer in plain English, keep "
               "answers short, cite the order number when one is given, and never invent data. ")
@@ -100,7 +101,8 @@ def request_body(stream: bool) -> bytes:
             "temperature": 0.2, "max_tokens": 256}
     if stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
     return _dumps(body).encode()
 
 
@@ -148,6 +150,12 @@ def stream_events() -> list[str]:
     return [f"data: {e}\n\n" for e in events] + ["data: [DONE]\n\n"]
 
 
+def without_usage(stream: bytes) -> bytes:
+    """An include_usage stream as the same request without include_usage gets it."""
+    events = [e for e in stream.split(b"\n\n") if e and b'"usage":{' not in e]
+    return b"".join(e + b"\n\n" for e in events).replace(b',"usage":null', b"")
+
+
 def _nginx_literal(text: str) -> str:
     """Text for a single-quoted nginx string (newlines as \\n); refuses what nginx would expand."""
     if any(c in text for c in "'$\\"):
@@ -190,6 +198,8 @@ http {{
         default /_bench/plain;
         stream /_bench/stream;
         stream-onewrite /_bench/stream-onewrite;
+        # The include_usage stream whatever the request asks: LMGate's rewrite asks for it.
+        stream-no-usage /_bench/stream-onewrite;
     }}
 
     server {{
@@ -609,7 +619,7 @@ class Load:
         self.bodies = {}
         for case in CASES:
             path = folder / f"body-{case}.json"
-            path.write_bytes(request_body(case != "plain"))
+            path.write_bytes(request_body(case != "plain", include_usage=case != "stream-no-usage"))
             self.bodies[case] = path
 
     def run(self, config: str, url: str, case: str, conns: int, duration: int, drain: bool) -> Run:
@@ -719,6 +729,10 @@ class Bench:
                         bodies[config] = (resp.status, resp.read())
                 except OSError as exc:
                     raise BenchError(f"{CONFIG_TITLES[config]} did not answer {case}: {exc}") from None
+            if case == "stream-no-usage" and bodies["c"][1] == without_usage(bodies["a"][1]):
+                # LMGate asked the mock for the usage the request did not ask for; its client gets
+                # the stream without it, as the mock would answer such a request.
+                bodies["c"] = bodies["a"]
             if len({b for b in bodies.values()}) != 1 or bodies["a"][0] != 200:
                 raise BenchError(f"the configurations answer {case} differently: "
                                  f"{ {k: (s, len(b)) for k, (s, b) in bodies.items()} }")
