@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from lmgate import records
+from lmgate import records, ws_relay
 from lmgate.allowlist import AllowListHolder, mask_key
 from lmgate.keys import KeyProblem, extract_key
 from lmgate.settings import Settings, size_bytes
@@ -220,6 +220,8 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    # WebSocket APIs: nginx hands their handshakes to the relay (lmgate/ws_relay.py).
+    ws_relay.register(app, settings, ALLOWLIST, WRITER)
     return app
 
 

@@ -126,6 +126,7 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
         "DROP_HEADERS": "\n".join(f'            proxy_set_header {h} "";' for h in LMGATE_HEADERS),
     })
     values["STREAM_USAGE_LOCATIONS"] = _stream_usage_locations(name, settings, values)
+    values["WEBSOCKET_LOCATION"] = _fill((NGINX_DIR / "websocket.conf.template").read_text(), values)
     return _fill(template, values)
 
 

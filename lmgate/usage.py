@@ -20,7 +20,7 @@ from urllib.parse import unquote
 
 import orjson
 
-__all__ = ["CAPTURE_TRUNCATED", "STREAM_ERROR", "USAGE_MISSING", "Usage", "extract_usage"]
+__all__ = ["CAPTURE_TRUNCATED", "STREAM_ERROR", "USAGE_MISSING", "Usage", "extract_usage", "websocket_counts"]
 
 USAGE_MISSING = "usage_missing"
 CAPTURE_TRUNCATED = "capture_truncated"
@@ -320,6 +320,23 @@ def _google_counts(usage: dict) -> Counts:
     return (_count(usage, "promptTokenCount"), _count(usage, "candidatesTokenCount"),
             _int(usage.get("cachedContentTokenCount")), None, _int(usage.get("thoughtsTokenCount")),
             _int(usage.get("totalTokenCount")))
+
+
+def websocket_counts(api: str, usage: dict) -> Counts:
+    """Token counts of a usage object read from a WebSocket API's frame (lmgate/ws_relay.py): as
+    over HTTP, except that OpenAI Realtime says `input_token_details` and Gemini Live
+    `responseTokenCount` for the output."""
+    if api == "google":
+        counts = _google_counts(usage)
+        if "candidatesTokenCount" not in usage and "responseTokenCount" in usage:
+            counts = (counts[0], _int(usage["responseTokenCount"]), *counts[2:])
+        return counts
+    if api == "anthropic":
+        return _anthropic_counts(usage)
+    counts = _openai_counts(usage)
+    if counts[2] is None and "input_token_details" in usage:
+        counts = (counts[0], counts[1], _sub(usage, "input_token_details", "cached_tokens"), *counts[3:])
+    return counts
 
 
 # format -> (reader, counts mapper, usage key, model key, model position in a cut body)

@@ -36,7 +36,8 @@ def _location(text: str, head: str) -> str:
     start = text.index(head + " {")
     depth, i = 0, start
     while True:
-        i = text.index("{" if text.find("{", i) < text.find("}", i) else "}", i)
+        opening, closing = text.find("{", i), text.index("}", i)
+        i = opening if 0 <= opening < closing else closing
         depth += 1 if text[i] == "{" else -1
         i += 1
         if depth == 0:
@@ -69,3 +70,18 @@ def test_stream_usage_off_renders_no_rewrite(tmp_path):
     settings = load_settings(SHIPPED_CONFIG, environ={"LMGATE_STATS__ENSURE_STREAM_USAGE": "false"})
     text = render(settings, tmp_path, njs_module=None)
     assert "proxy_set_body" not in text and "location = /openai/v1/chat/completions" not in text
+
+
+def test_websocket_locations_check_the_key_as_their_provider_location():
+    """The relay's location runs the same /auth check as the provider's (a nested location would
+    not inherit the rewrite that leads there): its auth lines must stay the same."""
+    text = render(load_settings(SHIPPED_CONFIG, environ={}), None, njs_module=None)
+    auth = re.compile(r"\s*(set \$lmgate_auth_key|auth_request|error_page 403|error_page 500)")
+    for provider in ("openai", "anthropic", "gemini", "google"):
+        parent = re.sub(r"\n\s*location [^{]*\{.*?\n            \}", "", _location(text, f"location /{provider}/"),
+                        flags=re.S)   # without its nested locations
+        relay = _location(text, f"location = /_lmgate_ws/{provider}")
+        lines = [line.strip() for line in parent.splitlines() if auth.match(line)]
+        assert len(lines) >= 6 and lines == [line.strip() for line in relay.splitlines() if auth.match(line)]
+        assert f"rewrite ^ /_lmgate_ws/{provider} last;" in parent
+        assert "internal;" in relay and "access_log off;" in relay
