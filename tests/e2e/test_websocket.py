@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
 
 import aiohttp
 import httpx
@@ -231,3 +234,28 @@ def test_the_relay_checks_the_key_itself(ws_gate, ws_mock, headers):
     assert excinfo.value.status == 403 and len(ws_mock.handshakes) == handshakes
     [r] = ws_gate.new_records(mark, 1)
     assert (r["error_type"], r["status"], r["endpoint"]) == ("forbidden", 403, "/openai/v1/responses")
+
+
+def test_codex_cli_uses_the_websocket_through_the_gate(ws_gate, ws_mock, tmp_path):
+    """`codex exec` with its built-in OpenAI provider pointed at LMGate opens the Responses API's
+    WebSocket (not the HTTP fallback) and its responses are recorded."""
+    if not shutil.which("codex"):
+        pytest.skip("the Codex CLI is not installed (npm i -g @openai/codex)")
+    home = tmp_path / "codex"
+    home.mkdir()
+    (home / "config.toml").write_text(f'openai_base_url = "{ws_gate.base("openai")}/v1"\n')
+    env = {**os.environ, "CODEX_HOME": str(home), "HOME": str(home)}
+    login = subprocess.run(["codex", "login", "--with-api-key"], input=ALICE_KEY, env=env, cwd=home,
+                           capture_output=True, text=True, timeout=60)
+    assert login.returncode == 0, login.stderr[-500:]
+    handshakes, http = len(ws_mock.handshakes), len(ws_mock.http_requests)
+    mark = ws_gate.mark()
+    done = subprocess.run(["codex", "exec", "--skip-git-repo-check", "-m", "gpt-5", "say hi"], env=env, cwd=home,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0 and "Hello there" in done.stdout, done.stderr[-2000:]
+    assert ALICE_KEY not in done.stdout + done.stderr
+    assert len(ws_mock.handshakes) == handshakes + 1 and len(ws_mock.http_requests) == http   # no fallback
+    assert ws_mock.handshakes[-1]["headers"]["openai-beta"].startswith("responses_websockets=")
+    records = ws_gate.new_records(mark, 1)   # then any more that come
+    assert records and all(r["endpoint"] == "/openai/v1/responses" and r["status"] == 101 for r in records)
+    assert all((r["lmgate_id"], r["input_tokens"], r["error_type"]) == ("alice", 36, None) for r in records)

@@ -44,10 +44,11 @@ class WSUpstream(ThreadedServer):
         self.handshakes: list[dict] = []        # headers and path of each handshake
         self.received: list[bytes | str] = []   # every message from clients, as received
         self.sent: list[bytes | str] = []       # every message to clients, as sent
-        self.closed = asyncio.Event()
+        self.http_requests: list[str] = []     # plain HTTP requests (a client that fell back)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() != "websocket":
+            self.http_requests.append(f"{request.method} {request.path}")
             return web.json_response({"error": {"message": "mock: WebSocket only"}}, status=400)
         path = request.path
         kind = ("responses" if path == "/v1/responses" else "realtime" if path == "/v1/realtime"
@@ -120,19 +121,25 @@ class WSUpstream(ThreadedServer):
                     "instructions": None, "metadata": {}, "parallel_tool_calls": True, "temperature": 1.0,
                     "tool_choice": "auto", "tools": [], "top_p": 1.0, "usage": usage}
 
+        item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
         await send({"type": "response.created", "sequence_number": 0, "response": response("in_progress", None)})
+        await send({"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": item})
         for i, word in enumerate(("Hello", " there")):
-            await send({"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": "msg_1",
+            await send({"type": "response.output_text.delta", "sequence_number": i + 2, "item_id": "msg_1",
                         "output_index": 0, "content_index": 0, "delta": word, "logprobs": []})
         if await self._fault(ws, model):
             return
+        done = {**item, "status": "completed",
+                "content": [{"type": "output_text", "text": "Hello there", "annotations": [], "logprobs": []}]}
+        await send({"type": "response.output_item.done", "sequence_number": 4, "output_index": 0, "item": done})
         if model.endswith("-fail"):
             failed = response("failed", RESPONSES_USAGE)
             failed["error"] = {"code": "server_error", "message": "The model failed"}
-            await send({"type": "response.failed", "sequence_number": 3, "response": failed})
+            await send({"type": "response.failed", "sequence_number": 5, "response": failed})
             return
-        await send({"type": "response.completed", "sequence_number": 3,
-                    "response": response("completed", RESPONSES_USAGE)})
+        completed = response("completed", RESPONSES_USAGE)
+        completed["output"] = [done]
+        await send({"type": "response.completed", "sequence_number": 5, "response": completed})
 
     async def _realtime(self, ws, send, model: str) -> None:
         def response(status: str, usage: dict | None) -> dict:
