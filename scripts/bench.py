@@ -1053,10 +1053,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=int, default=15, help="seconds per measured run (default 15)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up seconds per configuration (default 3)")
     p.add_argument("--cases", help=f"comma-separated, of {','.join(CASES)} (default all; --smoke: "
-                   "plain,stream-onewrite)")
+                   "plain,stream-onewrite,stream-no-usage)")
     p.add_argument("--conns", help="comma-separated connection counts (default 1,64; --smoke: 64)")
     p.add_argument("--smoke", action="store_true",
-                   help="correctness only: 2 s runs, plain and stream-onewrite at 64 connections; "
+                   help="correctness only: 2 s runs, plain, stream-onewrite and stream-no-usage at 64 connections; "
                         "exit 1 unless records == requests")
     p.add_argument("--soak", type=int, metavar="SECONDS", help="LMGate alone at full load for SECONDS; "
                    "reports the sidecar's RSS at start and end (not run by default)")
@@ -1070,7 +1070,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.duration, args.warmup = 2, 1
-    args.cases = args.cases or ("plain,stream-onewrite" if args.smoke else ",".join(CASES))
+    args.cases = args.cases or ("plain,stream-onewrite,stream-no-usage" if args.smoke else ",".join(CASES))
     args.conns = args.conns or ("64" if args.smoke else "1,64")
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]
