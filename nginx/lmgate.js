@@ -133,28 +133,26 @@ var rewritten = false;  // this request's body was rewritten (module globals are
 var held = null;        // the start of an SSE event whose end has not come yet
 var dropping = false;   // the answer is a 200 stream of a rewritten request
 
-// proxy_set_body's value: the body as sent, or with include_usage asked for. The location only
-// takes POSTs whose Content-Length fits in memory (nginx.conf.template), so the body is there.
+// The rewritten body, or "" to send the body as it came (nginx.conf.template then takes
+// $request_body itself: a string made by njs may not keep invalid UTF-8 bytes as they were). The
+// location only takes POSTs whose Content-Length fits in memory, so the body is there.
 function streamUsageBody(r) {
-    // nginx's own copy of the body: returned as it is, its bytes reach the provider unchanged
-    // (a Buffer returned would be decoded as UTF-8 on the way, and any invalid byte replaced).
     var body = r.variables.request_body;
-    if (!body || body.indexOf('"stream"') < 0) {  // most calls: no parse
-        return body || '';
+    if (!body || body.indexOf('"stream"') < 0) {
+        return '';
     }
-    var text = body;
     var doc;
     try {
-        doc = JSON.parse(text);
+        doc = JSON.parse(body);
     } catch (e) {
-        return body;  // not JSON: untouched, the provider answers it
+        return '';  // not JSON: untouched, the provider answers it
     }
     if (doc === null || typeof doc !== 'object' || doc.stream !== true) {
-        return body;
+        return '';
     }
     var opts = doc.stream_options;
     if (opts !== null && typeof opts === 'object' && opts.include_usage === true) {
-        return body;
+        return '';
     }
     if (opts === undefined) {
         // Added after the opening brace: every other byte stays as sent.
@@ -162,8 +160,8 @@ function streamUsageBody(r) {
         rewritten = true;
         return body.slice(0, brace + 1) + INCLUDE_USAGE + body.slice(brace + 1);
     }
-    if ((opts !== null && typeof opts !== 'object') || Array.isArray(opts) || /[0-9]{16}/.test(text)) {
-        return body;  // odd options, or integers a re-serialisation could round: untouched
+    if ((opts !== null && typeof opts !== 'object') || Array.isArray(opts) || /[0-9]{16}/.test(body)) {
+        return '';  // odd options, or integers a re-serialisation could round: untouched
     }
     doc.stream_options = Object.assign({}, opts, {include_usage: true});
     rewritten = true;
