@@ -27,7 +27,7 @@ import ssl
 import time
 import uuid
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import orjson
@@ -36,7 +36,7 @@ from aiohttp import web
 from lmgate import records
 from lmgate.allowlist import mask_key
 from lmgate.keys import KeyProblem, extract_key
-from lmgate.providers import PROVIDERS, error_body
+from lmgate.providers import error_body
 from lmgate.usage import STREAM_ERROR, USAGE_MISSING, Usage, websocket_counts
 
 log = logging.getLogger("lmgate.ws")
@@ -73,7 +73,6 @@ class _Response:
         self.bytes = 0
         self.usage: dict | None = None
         self.model: str | None = None
-        self.content = False   # the provider sent some of the answer (not only session events)
 
 
 class Tracker:
@@ -123,7 +122,6 @@ class Tracker:
         if match is None:
             if self.current is not None:
                 self.current.bytes += len(raw)
-                self.current.content = True
             return
         doc = _json(raw)
         kind = doc.get("type") if doc else None
@@ -161,7 +159,6 @@ class Tracker:
             self.current = _Response(time.time())
         current = self.current
         current.bytes += len(raw)
-        current.content = current.content or content
         if not (has_usage or b'"turnComplete"' in raw):
             return
         doc = _json(raw) or {}
@@ -230,9 +227,7 @@ class Relay:
         provider = request.match_info["provider"]
         raw = request.raw_path[len(PATH_PREFIX) + 1 + len(provider):] or "/"
         path, _, query = raw.partition("?")
-        api = PROVIDERS[provider].api if provider in PROVIDERS else "openai"
-        if "/publishers/anthropic/" in path:
-            api = "anthropic"
+        api = records._api_for(provider, path)
         endpoint = f"/{provider}{path}"
         meta = {"rid": request.headers.get(REQUEST_ID_HEADER) or f"ws-{uuid.uuid4().hex[:16]}",
                 "p": provider, "m": request.method, "id": "", "own": "", "mk": ""}
@@ -253,7 +248,7 @@ class Relay:
                 "lmgate_forbidden"))
         meta.update(id=entry.id, own=entry.owner)
         model = _query_model(query)
-        upstream_ws, failure = await self._connect(request, provider, raw)
+        upstream_ws, failure = await self._connect(request, provider, api, raw)
         if upstream_ws is None:
             status, body, error = failure
             self._refused(meta, endpoint, api, status, error, model)
@@ -268,7 +263,7 @@ class Relay:
             await upstream_ws.close()
         return client_ws
 
-    async def _connect(self, request: web.Request, provider: str, raw: str):
+    async def _connect(self, request: web.Request, provider: str, api: str, raw: str):
         """(the provider's WebSocket, None), or (None, (status, body, error_type)) for the client."""
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(
@@ -289,41 +284,29 @@ class Relay:
             # The provider refused the handshake (its status; aiohttp keeps no body).
             status = exc.status if exc.status >= 400 else 502
             error = "rate_limited" if status == 429 else "upstream_error"
-            api = PROVIDERS[provider].api
             return None, (status, error_body(api, status, f"the {provider} upstream refused the WebSocket "
                                                           f"handshake ({exc.status})", "lmgate_upstream_refused"),
                           error)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             log.warning("ws: cannot reach the %s upstream: %s", provider, exc.__class__.__name__)
-            api = PROVIDERS[provider].api
             return None, (502, error_body(api, 502, f"LMGate could not reach the {provider} upstream.",
                                           "lmgate_upstream_unreachable"), "upstream_unreachable")
 
     async def _relay(self, client_ws: web.WebSocketResponse, upstream_ws: aiohttp.ClientWebSocketResponse,
                      tracker: Tracker) -> None:
-        async def down() -> None:   # provider -> client
-            async for msg in upstream_ws:
+        async def pump(source, sink, observe: Callable[[bytes | str], None]) -> None:
+            async for msg in source:
                 if msg.type == aiohttp.WSMsgType.TEXT:
-                    tracker.from_upstream(msg.data)
-                    await client_ws.send_str(msg.data)
+                    observe(msg.data)
+                    await sink.send_str(msg.data)
                 elif msg.type == aiohttp.WSMsgType.BINARY:
-                    tracker.from_upstream(msg.data)
-                    await client_ws.send_bytes(msg.data)
+                    observe(msg.data)
+                    await sink.send_bytes(msg.data)
                 elif msg.type in _CLOSE:
                     break
 
-        async def up() -> None:     # client -> provider
-            async for msg in client_ws:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    tracker.from_client(msg.data)
-                    await upstream_ws.send_str(msg.data)
-                elif msg.type == aiohttp.WSMsgType.BINARY:
-                    tracker.from_client(msg.data)
-                    await upstream_ws.send_bytes(msg.data)
-                elif msg.type in _CLOSE:
-                    break
-
-        tasks = {asyncio.ensure_future(down()): "upstream", asyncio.ensure_future(up()): "client"}
+        tasks = {asyncio.ensure_future(pump(upstream_ws, client_ws, tracker.from_upstream)): "upstream",
+                 asyncio.ensure_future(pump(client_ws, upstream_ws, tracker.from_client)): "client"}
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:   # also when the sidecar stops: the open response is recorded
@@ -351,7 +334,6 @@ def _query_model(query: str) -> str | None:
     """OpenAI Realtime names the model in the query (`?model=gpt-realtime`)."""
     if "model=" not in query:
         return None
-    from urllib.parse import parse_qsl
     values = [v for k, v in parse_qsl(query) if k == "model" and v]
     return values[0] if values else None
 

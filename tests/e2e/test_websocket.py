@@ -259,3 +259,18 @@ def test_codex_cli_uses_the_websocket_through_the_gate(ws_gate, ws_mock, tmp_pat
     records = ws_gate.new_records(mark, 1)   # then any more that come
     assert records and all(r["endpoint"] == "/openai/v1/responses" and r["status"] == 101 for r in records)
     assert all((r["lmgate_id"], r["input_tokens"], r["error_type"]) == ("alice", 36, None) for r in records)
+
+
+def test_provider_unreachable_is_a_502_and_one_record(tmp_path):
+    from tests.support.ports import free_port
+    gate = Gate(tmp_path / "gate", f"http://127.0.0.1:{free_port()}").start()   # nothing listens there
+    try:
+        mark = gate.mark()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as excinfo:
+            run(ws_url(gate, "openai", "/v1/realtime?model=gpt-realtime"), responses_turn("gpt-5"))
+        assert excinfo.value.status == 502
+        [r] = gate.new_records(mark, 1)
+        assert (r["status"], r["error_type"], r["model"], r["lmgate_id"]) == (
+            502, "upstream_unreachable", "gpt-realtime", "alice")
+    finally:
+        gate.stop()
