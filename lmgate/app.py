@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from lmgate import records
+from lmgate import records, ws_relay
 from lmgate.allowlist import AllowListHolder, mask_key
 from lmgate.readiness import SPOOL_WORD as READINESS_WORD
 from lmgate.readiness import ReadinessProbe
@@ -261,6 +261,8 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    # WebSocket APIs: nginx hands their handshakes to the relay (lmgate/ws_relay.py).
+    ws_relay.register(app, settings, ALLOWLIST, WRITER)
     return app
 
 

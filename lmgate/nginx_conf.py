@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from lmgate.readiness import PATH_PREFIX as READINESS_PATH
 from lmgate.readiness import SOCKET_NAME as READINESS_SOCKET_NAME
 from lmgate.permissions import User, usable, user_named
-from lmgate.providers import KEY_HEADERS, KEY_PARAMS, PROVIDERS, error_body
+from lmgate.providers import KEY_HEADERS, KEY_PARAMS, PROVIDERS, STREAM_USAGE_PATHS, error_body
 from lmgate.settings import Settings
 from lmgate.spool import SPOOL_PREFIX, SPOOL_SUFFIX
 
@@ -153,6 +153,8 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
         "SPOOL_LOG": _spool_log(settings),
         "DROP_HEADERS": "\n".join(f'            proxy_set_header {h} "";' for h in LMGATE_HEADERS),
     })
+    values["STREAM_USAGE_LOCATIONS"] = _stream_usage_locations(name, settings, values)
+    values["WEBSOCKET_LOCATION"] = _fill((NGINX_DIR / "websocket.conf.template").read_text(), values)
     return _fill(template, values)
 
 
@@ -167,6 +169,15 @@ def readiness_socket(settings: Settings) -> Path:
                           f"the readiness probe on ({len(str(path).encode())} > {_SOCKET_PATH_MAX} bytes "
                           f"with /{READINESS_SOCKET_NAME}); choose a shorter one")
     return path
+
+
+def _stream_usage_locations(name: str, settings: Settings, values: dict[str, str]) -> str:
+    """stats.ensure_stream_usage: the nested locations for the provider's stream endpoints."""
+    paths = STREAM_USAGE_PATHS.get(name, ())
+    if not (settings.stats.ensure_stream_usage and paths):
+        return "            # no stream request is rewritten here (stats.ensure_stream_usage)"
+    template = (NGINX_DIR / "openai_stream_usage.conf.template").read_text()
+    return "".join(_fill(template, {**values, "PATH": path}) for path in paths)
 
 
 def _auth_cache_zone(settings: Settings, temp_dir: Path) -> str:

@@ -43,6 +43,13 @@ KEY_HEADERS: tuple[str, ...] = tuple(dict.fromkeys(h for p in PROVIDERS.values()
 KEY_PARAMS: frozenset[str] = frozenset(q for p in PROVIDERS.values() for q in p.key_params)
 
 
+# Streams that report usage only when the request asks for it (`stream_options.include_usage`):
+# with stats.ensure_stream_usage, LMGate asks for it on these paths (as the client sends them).
+STREAM_USAGE_PATHS: dict[str, tuple[str, ...]] = {
+    "openai": ("/v1/chat/completions", "/v1/completions"),
+}
+
+
 def error_body(api: str, status: int, message: str, kind: str) -> str:
     """A JSON error in the provider's own shape, so each SDK raises its usual exception.
 

@@ -18,7 +18,7 @@ import orjson
 import pybase64
 
 from lmgate.providers import PROVIDERS
-from lmgate.usage import Usage, extract_usage, model_from_path
+from lmgate.usage import STREAM_ERROR, Usage, extract_usage, model_from_path
 
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
                 "reasoning_tokens", "total_tokens")
@@ -144,7 +144,9 @@ def _cut_usage(meta: dict[str, str], api: str, provider_path: str, status: int, 
             complete = any(end in body_end for end in _ENDINGS.get(api, ()))
         else:  # a JSON answer names its usage at its end
             complete = usage.output_tokens is not None
-        return replace(usage, stream=usage.stream or stream), complete and usage.problem is None
+        # A stream that ended with the provider's error was whole too: nothing follows one.
+        complete = (complete and usage.problem is None) or usage.problem == STREAM_ERROR
+        return replace(usage, stream=usage.stream or stream), complete
     model = model_from_path(provider_path) if status < 400 or status == 499 else None
     return Usage(model=model, stream=stream), False
 
@@ -223,9 +225,10 @@ def from_meta(meta: dict[str, str], body: bytes, received_at: float) -> dict[str
             # nginx finished the call, but the provider's answer broke off (reset or timeout).
             nginx_error = "upstream_unreachable"
     usage, complete = _cut_usage(meta, api, provider_path, status, head, tail)
+    problem = None
     if status == 499 and complete:
         # The whole answer reached the client, which closed the connection before the transport's
         # end (SDKs stop reading at [DONE] / message_stop): a complete call, not a cut one.
-        status, nginx_error = _int(meta.get("s")), None
-    return _record(meta, path, status, usage, classify(status, nginx_error, None), received_at, api,
+        status, nginx_error, problem = _int(meta.get("s")), None, usage.problem
+    return _record(meta, path, status, usage, classify(status, nginx_error, problem), received_at, api,
                    response_bytes)

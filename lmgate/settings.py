@@ -76,6 +76,7 @@ class StatsSettings:
     capture_head_bytes: int
     capture_tail_bytes: int
     spool_dir: Path
+    ensure_stream_usage: bool
 
 
 @dataclasses.dataclass(frozen=True)

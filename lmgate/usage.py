@@ -20,10 +20,11 @@ from urllib.parse import unquote
 
 import orjson
 
-__all__ = ["CAPTURE_TRUNCATED", "USAGE_MISSING", "Usage", "extract_usage"]
+__all__ = ["CAPTURE_TRUNCATED", "STREAM_ERROR", "USAGE_MISSING", "Usage", "extract_usage", "websocket_counts"]
 
 USAGE_MISSING = "usage_missing"
 CAPTURE_TRUNCATED = "capture_truncated"
+STREAM_ERROR = "stream_error"
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1.5 us more to build, once per call
@@ -37,8 +38,9 @@ class Usage:
     total_tokens: int | None = None
     # Streamed: SSE content type, or a Google :streamGenerateContent / :streamRawPredict path.
     stream: bool = False
-    # None, USAGE_MISSING (a 2xx generation reported no usage) or CAPTURE_TRUNCATED
-    # (the usage may have been in the part of the body that was not captured).
+    # None, USAGE_MISSING (a 2xx generation reported no usage), CAPTURE_TRUNCATED (the usage
+    # may have been in the part of the body that was not captured) or STREAM_ERROR (a 2xx stream
+    # ended with the provider's error; the counts are what it reported before).
     problem: str | None = None
 
 
@@ -55,6 +57,13 @@ _MODEL = re.compile(rb'"model"')
 _USAGE_METADATA = re.compile(rb'"usageMetadata"\s*:\s*\{')
 _MODEL_VERSION = re.compile(rb'"modelVersion"')
 _PATH_MODEL = re.compile(r"/models/([^/:]+):")     # Google style: .../models/<model>:<method>
+# An error inside a stream: an `error` object (OpenAI chat chunks, Gemini / Vertex, Anthropic), or
+# an event of type `error` (Anthropic, OpenAI Responses) or `response.failed` (OpenAI Responses).
+_STREAM_ERROR_NEEDLE = re.compile(rb'"error"\s*:\s*\{|"type"\s*:\s*"(?:error|response\.failed)"')
+_ERROR_TYPES = ("error", "response.failed")
+# Units looked at from a stream's end for an error: providers stop sending after one, and OpenAI
+# chat may still end with [DONE].
+_ERROR_LOOKBACK = 3
 _DECODER = json.JSONDecoder()
 
 _OPENAI_GENERATION = ("/chat/completions", "/completions", "/responses", "/embeddings")
@@ -203,6 +212,17 @@ def _scan(buf: bytes, key: str) -> list[object]:
     return values
 
 
+def _stream_error(units: Units) -> bool:
+    """A stream ended with the provider's error (one of its last few units)."""
+    for i, unit in enumerate(reversed(units)):
+        if i == _ERROR_LOOKBACK:
+            return False
+        doc = _load(unit, _STREAM_ERROR_NEEDLE)
+        if doc is not None and (doc.get("type") in _ERROR_TYPES or isinstance(doc.get("error"), dict)):
+            return True
+    return False
+
+
 def _first_model(units: Units, needle: re.Pattern[bytes], pick: Callable[[dict], str | None],
                  reverse: bool = False) -> str | None:
     for unit in reversed(units) if reverse else units:
@@ -302,6 +322,23 @@ def _google_counts(usage: dict) -> Counts:
             _int(usage.get("totalTokenCount")))
 
 
+def websocket_counts(api: str, usage: dict) -> Counts:
+    """Token counts of a usage object read from a WebSocket API's frame (lmgate/ws_relay.py): as
+    over HTTP, except that OpenAI Realtime says `input_token_details` and Gemini Live
+    `responseTokenCount` for the output."""
+    if api == "google":
+        counts = _google_counts(usage)
+        if "candidatesTokenCount" not in usage and "responseTokenCount" in usage:
+            counts = (counts[0], _int(usage["responseTokenCount"]), *counts[2:])
+        return counts
+    if api == "anthropic":
+        return _anthropic_counts(usage)
+    counts = _openai_counts(usage)
+    if counts[2] is None and "input_token_details" in usage:
+        counts = (counts[0], counts[1], _sub(usage, "input_token_details", "cached_tokens"), *counts[3:])
+    return counts
+
+
 # format -> (reader, counts mapper, usage key, model key, model position in a cut body)
 _FORMATS = {
     "openai": (_openai, _openai_counts, "usage", "model", 0),
@@ -371,13 +408,14 @@ def _extract(api: str, path: str, status: int, content_type: str, head: bytes,
         return Usage(model=model, stream=stream)
     if model is None:
         model = model_from_path(path)   # Gemini / Vertex (Claude on Vertex too) name it in the path
+    errored = stream and _stream_error(units)
     if usage is None:
-        problem = None
-        if _generates(fmt, path):
+        problem = STREAM_ERROR if errored else None
+        if problem is None and _generates(fmt, path):
             problem = CAPTURE_TRUNCATED if tail is not None and lost else USAGE_MISSING
         return Usage(model=model, stream=stream, problem=problem)
     counts = counts_of(usage)
-    problem = None
-    if tail is not None and counts[0] is None and _generates(fmt, path):
+    problem = STREAM_ERROR if errored else None
+    if problem is None and tail is not None and counts[0] is None and _generates(fmt, path):
         problem = CAPTURE_TRUNCATED      # e.g. an Anthropic message_start cut off by a tiny head
     return Usage(model, *counts, stream, problem)

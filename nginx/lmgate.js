@@ -18,12 +18,18 @@ function start(r) {
         tailLen: 0,
         dropped: false,  // some bytes between the head and the tail were not kept
         total: 0,
+        sent: -1,        // bytes the client got, when they differ from the provider's (>= 0)
         last: false      // the last buffer passed: the answer was complete
     };
 }
 
 function capture(r, data, flags) {
     r.sendBuffer(data, flags);
+    keep(r, data, flags);
+}
+
+// Keeps the head and tail of the provider's bytes for the spool line.
+function keep(r, data, flags) {
     if (st === null) {
         st = start(r);
     }
@@ -66,12 +72,13 @@ function body(r) {
     var tail = st.tail.length ? Buffer.concat(st.tail) : null;
     var gap = st.dropped || (tail !== null && tail.length > st.tailMax);
     var flags = (gap ? 'g' : '') + (st.last ? '' : 'x');
+    var size = st.sent >= 0 ? st.sent : st.total;
     if (!gap) {
         var all = tail === null ? st.head : st.head.concat([tail]);
-        return st.total + ':' + flags + ':' + Buffer.concat(all).toString('base64') + ':';
+        return size + ':' + flags + ':' + Buffer.concat(all).toString('base64') + ':';
     }
     tail = tail.slice(tail.length - st.tailMax);
-    return st.total + ':' + flags + ':' + Buffer.concat(st.head).toString('base64') + ':' +
+    return size + ':' + flags + ':' + Buffer.concat(st.head).toString('base64') + ':' +
         tail.toString('base64');
 }
 
@@ -170,4 +177,128 @@ function decode(text) {
     }
 }
 
-export default {authHash, maskedKeys, capture, body};
+
+// ---- stats.ensure_stream_usage: OpenAI chat/completions and completions streams that do not ask
+// for usage get `stream_options.include_usage` added on the way up; on the way down the client
+// gets the stream it asked for (no usage chunk, no `"usage":null`), the spool line the provider's.
+// Only the nested locations of nginx/openai_stream_usage.conf.template use these.
+
+var INCLUDE_USAGE = '"stream_options":{"include_usage":true},';
+var rewritten = false;  // this request's body was rewritten (module globals are per request)
+var held = null;        // the start of an SSE event whose end has not come yet
+var dropping = false;   // the answer is a 200 stream of a rewritten request
+
+// The rewritten body, or "" to send the body as it came (nginx.conf.template then takes
+// $request_body itself: a string made by njs may not keep invalid UTF-8 bytes as they were). The
+// location only takes POSTs whose Content-Length fits in memory, so the body is there.
+function streamUsageBody(r) {
+    var body = r.variables.request_body;
+    if (!body || body.indexOf('"stream"') < 0) {
+        return '';
+    }
+    var doc;
+    try {
+        doc = JSON.parse(body);
+    } catch (e) {
+        return '';  // not JSON: untouched, the provider answers it
+    }
+    if (doc === null || typeof doc !== 'object' || doc.stream !== true) {
+        return '';
+    }
+    var opts = doc.stream_options;
+    if (opts !== null && typeof opts === 'object' && opts.include_usage === true) {
+        return '';
+    }
+    if (opts === undefined) {
+        // Added after the opening brace: every other byte stays as sent.
+        var brace = body.indexOf('{');
+        rewritten = true;
+        return body.slice(0, brace + 1) + INCLUDE_USAGE + body.slice(brace + 1);
+    }
+    if ((opts !== null && typeof opts !== 'object') || Array.isArray(opts) || /[0-9]{16}/.test(body)) {
+        return '';  // odd options, or integers a re-serialisation could round: untouched
+    }
+    doc.stream_options = Object.assign({}, opts, {include_usage: true});
+    rewritten = true;
+    return JSON.stringify(doc);
+}
+
+function captureStreamUsage(r, data, flags) {
+    if (!rewritten) {
+        capture(r, data, flags);
+        return;
+    }
+    if (st === null) {
+        st = start(r);
+        st.sent = 0;
+        dropping = r.status === 200 &&
+            String(r.headersOut['Content-Type']).indexOf('text/event-stream') === 0;
+    }
+    keep(r, data, flags);
+    if (!dropping) {
+        send(r, data, flags);
+        return;
+    }
+    // Whole events only: a needle may be split between two buffers. Providers write an event at
+    // a time, so a buffer usually ends with one (checked first: each njs call costs ~0.5 us).
+    var buf = held === null ? data : Buffer.concat([held, data]);
+    var n = buf.length;
+    held = null;
+    if (!flags.last && !(n > 1 && buf[n - 1] === 10 && buf[n - 2] === 10)) {
+        var end = eventsEnd(buf);
+        if (end < n) {
+            held = buf.slice(end);
+            buf = buf.slice(0, end);
+        }
+    }
+    sendWithoutUsage(r, buf, flags);
+}
+
+function send(r, buf, flags) {
+    st.sent += buf.length;
+    r.sendBuffer(buf, flags);
+}
+
+// The end of the last complete SSE event in buf (0 when there is none).
+function eventsEnd(buf) {
+    var lf = buf.lastIndexOf('\n\n');
+    var crlf = buf.lastIndexOf('\r\n\r\n');
+    return Math.max(lf < 0 ? 0 : lf + 2, crlf < 0 ? 0 : crlf + 4);
+}
+
+// Sends buf without `,"usage":null`, and without the usage chunk's event (a usage object and
+// `"choices":[]`). Neither needle can occur inside a JSON string, where every quote is escaped.
+// Slices are sent as they are: cheaper in njs than joining them.
+function sendWithoutUsage(r, buf, flags) {
+    var pos = 0;
+    var i = buf.indexOf(',"usage":');
+    while (i >= 0) {
+        var c = buf[i + 9];
+        if (c === 0x6e && buf[i + 12] === 0x6c) {  // null
+            if (i > pos) {
+                send(r, buf.slice(pos, i), {last: false});
+            }
+            pos = i + 13;
+        } else if (c === 0x7b) {  // {
+            var before = buf.lastIndexOf('\n\n', i);
+            var beforeCrlf = buf.lastIndexOf('\r\n\r\n', i);
+            var from = Math.max(before < 0 ? 0 : before + 2, beforeCrlf < 0 ? 0 : beforeCrlf + 4);
+            var lf = buf.indexOf('\n\n', i);
+            var crlf = buf.indexOf('\r\n\r\n', i);
+            var to = lf < 0 ? buf.length : lf + 2;
+            if (crlf >= 0 && crlf + 4 < to) {
+                to = crlf + 4;
+            }
+            if (from >= pos && buf.slice(from, to).indexOf('"choices":[]') >= 0) {
+                if (from > pos) {
+                    send(r, buf.slice(pos, from), {last: false});
+                }
+                pos = to;
+            }
+        }
+        i = buf.indexOf(',"usage":', Math.max(i + 9, pos));
+    }
+    send(r, pos === 0 ? buf : buf.slice(pos), flags);
+}
+
+export default {authHash, maskedKeys, capture, body, streamUsageBody, captureStreamUsage};

@@ -59,11 +59,12 @@ ECHO_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/
 ECHO_MODULE = "ngx_http_echo_module.so"
 KEY = "sk-bench-0123456789abcdef0123456789abcdef"
 PATH = "/openai/v1/chat/completions"
-CASES = ("plain", "stream", "stream-onewrite", "plain-tls", "stream-onewrite-tls")
+CASES = ("plain", "stream", "stream-onewrite", "stream-no-usage", "plain-tls", "stream-onewrite-tls")
 CASE_TITLES = {
     "plain": "plain: ~1 KB chat completion (JSON)",
     "stream": "stream: 50-event SSE, one write by the mock",
     "stream-onewrite": "stream-onewrite: 50-event SSE, one write per event (as providers send)",
+    "stream-no-usage": "stream-no-usage: stream-onewrite asked without include_usage (rewritten by LMGate)",
     "plain-tls": "plain-tls: the plain case over HTTPS to (b) and (c)",
     "stream-onewrite-tls": "stream-onewrite-tls: the stream-onewrite case over HTTPS to (b) and (c)",
 }
@@ -106,7 +107,7 @@ def _dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def request_body(stream: bool) -> bytes:
+def request_body(stream: bool, include_usage: bool = True) -> bytes:
     """A ~1 KB chat completion request, as the openai SDK sends it."""
     system = ("You are a careful assistant for a logistics company. Answer in plain English, keep "
               "answers short, cite the order number when one is given, and never invent data. ")
@@ -118,7 +119,8 @@ def request_body(stream: bool) -> bytes:
             "temperature": 0.2, "max_tokens": 256}
     if stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
     return _dumps(body).encode()
 
 
@@ -166,6 +168,12 @@ def stream_events() -> list[str]:
     return [f"data: {e}\n\n" for e in events] + ["data: [DONE]\n\n"]
 
 
+def without_usage(stream: bytes) -> bytes:
+    """An include_usage stream as the same request without include_usage gets it."""
+    events = [e for e in stream.split(b"\n\n") if e and b'"usage":{' not in e]
+    return b"".join(e + b"\n\n" for e in events).replace(b',"usage":null', b"")
+
+
 def _nginx_literal(text: str) -> str:
     """Text for a single-quoted nginx string (newlines as \\n); refuses what nginx would expand."""
     if any(c in text for c in "'$\\"):
@@ -208,6 +216,8 @@ http {{
         default /_bench/plain;
         stream /_bench/stream;
         stream-onewrite /_bench/stream-onewrite;
+        # The include_usage stream whatever the request asks: LMGate's rewrite asks for it.
+        stream-no-usage /_bench/stream-onewrite;
     }}
 
     server {{
@@ -659,7 +669,7 @@ class Load:
         self.bodies = {}
         for case in CASES:
             path = folder / f"body-{case}.json"
-            path.write_bytes(request_body(base_case(case) != "plain"))
+            path.write_bytes(request_body(base_case(case) != "plain", include_usage=case != "stream-no-usage"))
             self.bodies[case] = path
 
     def run(self, config: str, url: str, case: str, conns: int, duration: int, drain: bool) -> Run:
@@ -777,6 +787,10 @@ class Bench:
                         bodies[config] = (resp.status, resp.read())
                 except OSError as exc:
                     raise BenchError(f"{CONFIG_TITLES[config]} did not answer {case}: {exc}") from None
+            if case == "stream-no-usage" and bodies["c"][1] == without_usage(bodies["a"][1]):
+                # LMGate asked the mock for the usage the request did not ask for; its client gets
+                # the stream without it, as the mock would answer such a request.
+                bodies["c"] = bodies["a"]
             if len({b for b in bodies.values()}) != 1 or bodies["a"][0] != 200:
                 raise BenchError(f"the configurations answer {case} differently: "
                                  f"{ {k: (s, len(b)) for k, (s, b) in bodies.items()} }")
@@ -1126,10 +1140,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=int, default=15, help="seconds per measured run (default 15)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up seconds per configuration (default 3)")
     p.add_argument("--cases", help=f"comma-separated, of {','.join(CASES)} (default all; --smoke: "
-                   "plain,stream-onewrite)")
+                   "plain,stream-onewrite,stream-no-usage)")
     p.add_argument("--conns", help="comma-separated connection counts (default 1,64; --smoke: 64)")
     p.add_argument("--smoke", action="store_true",
-                   help="correctness only: 2 s runs, plain and stream-onewrite at 64 connections; "
+                   help="correctness only: 2 s runs, plain, stream-onewrite and stream-no-usage at 64 connections; "
                         "exit 1 unless records == requests")
     p.add_argument("--soak", type=int, metavar="SECONDS", help="LMGate alone at full load for SECONDS; "
                    "reports the sidecar's RSS at start and end (not run by default)")
@@ -1143,7 +1157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.duration, args.warmup = 2, 1
-    args.cases = args.cases or ("plain,stream-onewrite" if args.smoke else ",".join(CASES))
+    args.cases = args.cases or ("plain,stream-onewrite,stream-no-usage" if args.smoke else ",".join(CASES))
     args.conns = args.conns or ("64" if args.smoke else "1,64")
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "scripts" / "bench.py"
 ECHO_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/nginx/modules",
                     "/usr/local/nginx/modules", "/usr/lib64/nginx/modules")
-SMOKE_CASES = ("plain", "stream-onewrite")
+# stream-no-usage: every record of a stream LMGate asked for its usage has it (usage_missing=0).
+SMOKE_CASES = ("plain", "stream-onewrite", "stream-no-usage")
 RECORDS_LINE = re.compile(r"^RECORDS (?P<label>.+?): mock_served=(?P<served>\d+) records=(?P<records>\d+) "
                           r"client_completed=(?P<completed>\d+) .*-> (?P<verdict>PASS|FAIL)$", re.M)
 

@@ -193,3 +193,48 @@ def test_every_recorded_response_through_the_gate_gives_the_expected_record(name
         assert record["stream"] == meta["stream"]
     if meta["status"] >= 400:
         assert record["error_type"] == ("rate_limited" if meta["status"] == 429 else "upstream_error")
+
+
+# ---- an error inside an HTTP 200 stream -------------------------------------------------------
+
+def _sse(*events: tuple[str | None, dict]) -> list[bytes]:
+    return [(f"event: {name}\n" if name else "").encode() + b"data: " + json.dumps(data).encode() + b"\n\n"
+            for name, data in events]
+
+
+ANTHROPIC_BROKEN_OFF = _sse(
+    ("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-20250514", "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 25, "output_tokens": 1}}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": "Hel"}}),
+    ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+OPENAI_BROKEN_OFF = _sse(
+    (None, {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-2024-08-06",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}]}),
+    (None, {"error": {"message": "The server had an error while processing your request.", "type": "server_error",
+                      "param": None, "code": None}}))
+
+
+@pytest.mark.parametrize("provider,make_client,call,chunks,model,input_tokens", [
+    ("anthropic", anthropic_client, lambda c: list(c.messages.create(
+        model="claude-sonnet-4-0", max_tokens=64, messages=[{"role": "user", "content": "hi"}], stream=True)),
+     ANTHROPIC_BROKEN_OFF, "claude-sonnet-4-20250514", 25),
+    ("openai", openai_client, lambda c: list(c.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True})),
+     OPENAI_BROKEN_OFF, "gpt-4o-2024-08-06", None),
+], ids=["anthropic-overloaded", "openai-chat-error-chunk"])
+def test_sdk_stream_broken_off_by_an_error_is_a_stream_error(provider, make_client, call, chunks, model,
+                                                             input_tokens, gate, mock_upstream):
+    """The SDK raises at the error event of an HTTP 200 stream; the record says so and keeps the
+    usage reported before it."""
+    mock_upstream.reply("*", Reply(content_type="text/event-stream", chunks=chunks))
+    mark = gate.mark()
+    with pytest.raises(Exception) as excinfo:
+        call(make_client(gate.base(provider)))
+    assert "Overloaded" in str(excinfo.value) or "server had an error" in str(excinfo.value)
+    [record] = gate.new_records(mark, 1)
+    assert (record["status"], record["error_type"], record["stream"]) == (200, "stream_error", True)
+    assert (record["model"], record["input_tokens"]) == (model, input_tokens)

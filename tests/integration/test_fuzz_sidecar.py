@@ -42,7 +42,7 @@ RECORD_KEYS = ("timestamp", "request_id", "lmgate_id", "owner", "provider", "api
                "masked_key", "error_type")
 TOKEN_KEYS = RECORD_KEYS[11:17]
 ERROR_TYPES = {None, "forbidden", "gate_unavailable", "rate_limited", "upstream_error", "upstream_unreachable",
-               "client_closed", "usage_missing", "capture_truncated"}
+               "client_closed", "usage_missing", "capture_truncated", "stream_error"}
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 FUZZ = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 HEAD_BYTES, TAIL_BYTES = 2048, 4096

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -27,6 +28,8 @@ class Reply:
     release_last: threading.Event | None = None
     # "reset": close the connection after the first chunk; "stall": never finish.
     fault: str | None = None
+    # Computes the reply from the request body instead (e.g. answer as the provider would).
+    dynamic: Callable[[bytes], "Reply"] | None = None
 
 
 @dataclass
@@ -56,6 +59,8 @@ class MockUpstream(ThreadedServer):
         reply = self.replies.get(request.path) or self.replies.get("*")
         if reply is None:
             return web.json_response({"error": {"message": f"mock: no reply for {request.path}"}}, status=404)
+        if reply.dynamic is not None:
+            reply = reply.dynamic(body)
         if reply.chunks is None and reply.fault is None:
             return web.Response(status=reply.status, body=reply.body, content_type=None,
                                 headers={"Content-Type": reply.content_type, **reply.headers})

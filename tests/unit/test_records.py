@@ -367,6 +367,30 @@ def test_cut_short_and_client_gone_is_client_closed():
     assert r["status"] == 499 and r["error_type"] == "client_closed"
 
 
+def anthropic_stream_error(deltas: int) -> bytes:
+    """An Anthropic stream broken off by an overloaded_error after some text."""
+    body = anthropic_stream(deltas)
+    body = body[: body.index(b"event: content_block_stop")]
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    return body + f"event: error\ndata: {json.dumps(error)}\n\n".encode()
+
+
+@pytest.mark.parametrize("done", [True, False], ids=["ended", "client-closed-after-the-error"])
+def test_error_inside_a_200_stream_is_stream_error_with_the_usage_so_far(done):
+    """The SDK raises at the error event and may close before nginx sees the stream's end: the
+    client got the whole answer either way."""
+    body = anthropic_stream_error(deltas=5)
+    r = record(spool_line(body, p="anthropic", u="/anthropic/v1/messages", ct="text/event-stream", done=done))
+    assert (r["status"], r["error_type"]) == (200, "stream_error")
+    assert (r["input_tokens"], r["output_tokens"], r["cache_read_tokens"]) == (321, 1, 100)
+
+
+def test_stream_error_cut_by_the_provider_is_still_upstream_unreachable():
+    body = anthropic_stream_error(deltas=5)
+    r = record(spool_line(body, p="anthropic", u="/anthropic/v1/messages", ct="text/event-stream", last=False))
+    assert (r["status"], r["error_type"]) == (200, "upstream_unreachable")
+
+
 def test_claude_on_vertex_cut_is_anthropic_format_with_model_from_path():
     path = "/google/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-opus-4@20250514:streamRawPredict"
     r = record(spool_line(b"", p="google", u=path, done=False))
@@ -541,6 +565,7 @@ def test_bogus_numbers_are_not_trusted():
     (502, None, None, "upstream_error"),
     (499, None, None, "client_closed"),
     (499, None, "usage_missing", "client_closed"),
+    (200, None, "stream_error", "stream_error"),
     (403, "forbidden", None, "forbidden"),
     (403, "gate_unavailable", None, "gate_unavailable"),
     (502, "upstream_unreachable", None, "upstream_unreachable"),

@@ -128,15 +128,17 @@ def test_openai_responses_stream_terminal_event(terminal):
                {"type": "response.output_text.delta", "delta": "pong", "sequence_number": 4},
                {"type": terminal, "response": response_obj(terminal.split(".")[1], RESP_USAGE)}, names=True)
     u = extract_usage("openai", "/v1/responses", 200, SSE, body, None)
+    # response.failed is the provider's error inside an HTTP 200 stream; its usage is kept
+    problem = "stream_error" if terminal == "response.failed" else None
     assert (u.model, *tokens(u), u.stream, u.problem) == (
-        "gpt-5-nano-2025-08-07", 11, 327, 0, None, 320, 338, True, None)
+        "gpt-5-nano-2025-08-07", 11, 327, 0, None, 320, 338, True, problem)
 
 
 def test_openai_responses_stream_failed_without_usage():
     body = sse({"type": "response.created", "response": response_obj("in_progress", None)},
                {"type": "response.failed", "response": response_obj("failed", None)}, names=True)
     u = extract_usage("openai", "/v1/responses", 200, SSE, body, None)
-    assert u == Usage(model="gpt-5-nano-2025-08-07", stream=True, problem="usage_missing")
+    assert u == Usage(model="gpt-5-nano-2025-08-07", stream=True, problem="stream_error")
 
 
 @pytest.mark.parametrize("status", [400, 401, 429, 500])
@@ -258,7 +260,8 @@ def test_anthropic_error_event_in_stream_keeps_usage():
     body = sse({"type": "message_start", "message": message({"input_tokens": 20, "output_tokens": 1})},
                {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, names=True)
     u = extract_usage("anthropic", "/v1/messages", 200, SSE, body, None)
-    assert (u.model, u.input_tokens, u.output_tokens, u.problem) == ("claude-sonnet-4-20250514", 20, 1, None)
+    assert (u.model, u.input_tokens, u.output_tokens, u.problem) == (
+        "claude-sonnet-4-20250514", 20, 1, "stream_error")
 
 
 def test_anthropic_error_status():
@@ -382,6 +385,104 @@ def test_google_error_json_body_with_stream_content_type(ct):
     assert u == Usage(stream=True)
     u = extract_usage("google", "/v1beta/models/x:streamGenerateContent", 404, ct, body[:30], body[-20:])
     assert u == Usage(stream=True)
+
+
+# ------------------------------------------------- errors inside an HTTP 200 stream
+
+GEMINI_STREAM = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+FLASH_USAGE = {"promptTokenCount": 11, "candidatesTokenCount": 3, "totalTokenCount": 14}
+GOOGLE_ERROR = {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}
+OPENAI_CHAT_ERROR = {"error": {"message": "The server had an error while processing your request.",
+                               "type": "server_error", "param": None, "code": None}}
+
+
+def test_anthropic_overloaded_error_after_deltas_keeps_the_usage_so_far():
+    events = [{"type": "message_start", "message": message({"input_tokens": 20, "output_tokens": 1})},
+              {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}},
+              {"type": "ping"},
+              {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}]
+    u = extract_usage("anthropic", "/v1/messages", 200, SSE, sse(*events, names=True, crlf=True), None)
+    assert (u.model, *tokens(u), u.stream, u.problem) == (
+        "claude-sonnet-4-20250514", 20, 1, None, None, None, None, True, "stream_error")
+
+
+def test_claude_on_vertex_stream_error():
+    path = "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:streamRawPredict"
+    body = sse({"type": "message_start", "message": message({"input_tokens": 9, "output_tokens": 1})},
+               {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}, names=True)
+    u = extract_usage("google", path, 200, SSE, body, None)
+    assert (u.input_tokens, u.output_tokens, u.problem) == (9, 1, "stream_error")
+
+
+def test_openai_responses_error_event():
+    body = sse({"type": "response.created", "response": response_obj("in_progress", None)},
+               {"type": "response.output_text.delta", "delta": "po", "sequence_number": 3},
+               {"type": "error", "code": "ERR_SOMETHING", "message": "Something went wrong", "param": None,
+                "sequence_number": 4}, names=True)
+    u = extract_usage("openai", "/v1/responses", 200, SSE, body, None)
+    assert u == Usage(model="gpt-5-nano-2025-08-07", stream=True, problem="stream_error")
+
+
+@pytest.mark.parametrize("done", [False, True])
+def test_openai_chat_chunk_with_an_error_object(done):
+    body = sse(chat_chunk(""), chat_chunk("42"), OPENAI_CHAT_ERROR, *(["[DONE]"] if done else []))
+    u = extract_usage("openai", "/v1/chat/completions", 200, SSE, body, None)
+    assert u == Usage(model="gpt-4o-2024-08-06", stream=True, problem="stream_error")
+    # legacy completions streams end the same way
+    u = extract_usage("openai", "/v1/completions", 200, SSE, body, None)
+    assert u.problem == "stream_error"
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+def test_gemini_sse_stream_ending_with_an_error_keeps_the_last_usage(crlf):
+    body = sse(gemini_chunk("a", {"promptTokenCount": 11, "totalTokenCount": 11}),
+               gemini_chunk("b", FLASH_USAGE), GOOGLE_ERROR, crlf=crlf)
+    u = extract_usage("google", GEMINI_STREAM, 200, SSE, body, None)
+    assert (u.model, *tokens(u), u.stream, u.problem) == (
+        "gemini-2.5-flash", 11, 3, None, None, None, 14, True, "stream_error")
+
+
+def test_gemini_json_array_stream_ending_with_an_error():
+    body = gemini_array(gemini_chunk("a", FLASH_USAGE), GOOGLE_ERROR)
+    u = extract_usage("google", GEMINI_STREAM, 200, JSON, body, None)
+    assert (u.input_tokens, u.output_tokens, u.problem) == (11, 3, "stream_error")
+    # an error alone (no chunk before it) is still a stream error, not missing usage
+    u = extract_usage("google", GEMINI_STREAM, 200, JSON, gemini_array(GOOGLE_ERROR), None)
+    assert u == Usage(model="gemini-2.5-flash", stream=True, problem="stream_error")
+
+
+def test_stream_error_in_the_tail_of_a_long_stream():
+    body = b"".join(sse(gemini_chunk("x" * 500, FLASH_USAGE)) for _ in range(400)) + sse(GOOGLE_ERROR)
+    u = extract_usage("google", GEMINI_STREAM, 200, SSE, *capture(body))
+    assert (u.input_tokens, u.problem) == (11, "stream_error")
+
+
+def test_error_lookalikes_inside_a_stream_are_not_errors():
+    # an `error` object as a function's argument, an `error` type inside a tool's JSON string, a
+    # Responses stream whose response says "error": null, an OpenAI usage chunk, an error far back
+    call = {"candidates": [{"content": {"parts": [{"functionCall": {
+        "name": "report", "args": {"error": {"code": 1}, "type": "error"}}}]}}],
+        "usageMetadata": FLASH_USAGE, "modelVersion": "gemini-2.5-flash"}
+    assert extract_usage("google", GEMINI_STREAM, 200, SSE, sse(call), None).problem is None
+    tool = ({"type": "content_block_start", "index": 1,
+             "content_block": {"type": "tool_use", "id": "t1", "name": "f", "input": {}}},
+            {"type": "content_block_delta", "index": 1,
+             "delta": {"type": "input_json_delta", "partial_json": '{"type": "error", "error": {}}'}},
+            {"type": "content_block_stop", "index": 1})
+    body = anthropic_stream({"input_tokens": 5, "output_tokens": 1}, {"output_tokens": 9}, extra=tool)
+    assert extract_usage("anthropic", "/v1/messages", 200, SSE, body, None).problem is None
+    body = sse({"type": "response.completed", "response": response_obj("completed", RESP_USAGE)}, names=True)
+    assert extract_usage("openai", "/v1/responses", 200, SSE, body, None).problem is None
+    body = sse(chat_chunk(""), OPENAI_CHAT_ERROR, *[chat_chunk("x")] * 3,
+               chat_chunk(usage=CHAT_USAGE, choices=False), "[DONE]")
+    assert extract_usage("openai", "/v1/chat/completions", 200, SSE, body, None).problem is None
+
+
+def test_error_object_in_a_json_answer_that_is_not_a_stream_is_not_a_stream_error():
+    body = js({"error": {"message": "odd", "type": "server_error"}})
+    u = extract_usage("openai", "/v1/chat/completions", 200, JSON, body, None)
+    assert u.problem == "usage_missing"
 
 
 # --------------------------------------------------------- head/tail capture

@@ -132,3 +132,54 @@ def test_gap_cases_exist():
         path = FIXTURES / f"{name}.response"
         if path.exists():
             assert path.stat().st_size > SPLIT_HEAD + SPLIT_TAIL, name
+
+
+# Each provider's documented error inside a stream, as one SSE event (name, data).
+_STREAM_ERRORS = {
+    "anthropic": ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    "openai-chat": (None, {"error": {"message": "The server had an error while processing your request.",
+                                     "type": "server_error", "param": None, "code": None}}),
+    "openai-responses": ("error", {"type": "error", "code": "server_error", "message": "Something went wrong",
+                                   "param": None, "sequence_number": 9999}),
+    "google": (None, {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}),
+}
+
+
+def _stream_cases() -> list:
+    return [c for c in _cases() if c.values[0] is None or _is_ok_stream(c.values[0])]
+
+
+def _is_ok_stream(meta_path: Path) -> bool:
+    meta = json.loads(meta_path.read_text())
+    return meta["stream"] and 200 <= meta["status"] < 300
+
+
+def _broken_off(meta: dict, body: bytes) -> tuple[bytes, bytes]:
+    """The first half of a recorded stream's events, and the same followed by the provider's error."""
+    kind = meta["provider"]
+    if kind == "openai":
+        kind = "openai-responses" if meta["request_path"].endswith("/responses") else "openai-chat"
+    name, data = _STREAM_ERRORS[kind]
+    if body.lstrip()[:1] == b"[":   # Gemini's JSON-array stream
+        chunks = json.loads(body)
+        half = chunks[: max(1, len(chunks) // 2)]
+        return json.dumps(half).encode(), json.dumps(half + [data]).encode()
+    nl = b"\r\n" if b"\r\n" in body else b"\n"
+    events = [e for e in body.split(nl + nl) if e.strip()]
+    cut = b"".join(e + nl + nl for e in events[: max(1, len(events) // 2)])
+    event = (b"event: " + name.encode() + nl if name else b"") + b"data: " + json.dumps(data).encode() + nl + nl
+    return cut, cut + event
+
+
+@pytest.mark.parametrize("meta_path", _stream_cases())
+def test_recorded_stream_broken_off_by_an_error_keeps_its_usage(meta_path: Path):
+    """A real stream cut at half its events and ended with the provider's documented error event:
+    a stream error, with the model and counts of the part before the error."""
+    meta, body = _load(meta_path)
+    before, errored = _broken_off(meta, body)
+    expected = _fields(_call(meta, before, None))
+    expected["problem"] = "stream_error"
+    u = _call(meta, errored, None)
+    assert _fields(u) == expected and u.stream
+    if meta["provider"] != "openai":   # Anthropic's message_start, Google's every chunk
+        assert u.input_tokens is not None
