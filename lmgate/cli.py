@@ -42,12 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     check = with_config(sub.add_parser("check-allowlist", help="validate the allow-list and print its size"))
     check.add_argument("path", nargs="?", type=Path, help="CSV file (default: auth.allowlist_path)")
     report = with_config(sub.add_parser("report", help="usage and spend per owner, key, model and day"))
+    export = with_config(sub.add_parser("export", help="the usage records as a Parquet file, for analysts"))
     try:
-        from lmgate.report import add_report_arguments
+        from lmgate.report import add_export_arguments, add_report_arguments
     except ImportError:  # the report module is optional for the gate itself
-        add_report_arguments = None
-    if add_report_arguments:
+        pass
+    else:
         add_report_arguments(report)
+        add_export_arguments(export)
     return parser
 
 
@@ -88,6 +90,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from lmgate.report import run_report
         return run_report(args, settings.stats.output_path, settings.report.prices_path)
+    if args.command == "export":
+        from lmgate.report import run_export
+        return run_export(args, settings.stats.output_path)
     raise AssertionError(args.command)
 
 
