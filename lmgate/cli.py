@@ -53,8 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What each command reads of the config: a report must not fail on, say, an odd proxy setting.
+_SECTIONS = {"report": ("stats", "report", "logging"), "export": ("stats", "logging")}
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, sections=_SECTIONS.get(args.command))
     _setup_logging(settings.logging.level)
     return settings
 

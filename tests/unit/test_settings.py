@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import pytest
 import yaml
 
 from lmgate.providers import PROVIDERS
-from lmgate.settings import ConfigError, Settings, load_settings
+from lmgate.settings import ConfigError, Settings, _resolve_paths, defaults, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -58,10 +60,13 @@ def test_shipped_config_loads_with_documented_defaults():
     assert s.server.port == 8081
     assert s.proxy.upstream_connect_timeout_seconds == 10.0
     assert type(s.proxy.upstream_read_timeout_seconds) is float
-    assert s.auth.allowlist_path == Path("data/allowlist.csv")
-    assert s.stats.output_path == Path("data/stats.jsonl")
+    repo = SHIPPED.parents[1]           # relative paths: against config/, so ../data is data/
+    assert s.auth.allowlist_path == repo / "data" / "allowlist.csv"
+    assert s.stats.output_path == repo / "data" / "stats.jsonl"
     assert s.stats.rotate_bytes == 100_000_000
-    assert s.stats.spool_dir == Path("data/spool")
+    assert s.stats.spool_dir == repo / "data" / "spool"
+    assert s.report.prices_path == repo / "config" / "prices.yaml"
+    assert s.proxy.runtime_dir == repo / "run"
     assert set(s.providers) == set(PROVIDERS)
     assert s.providers["openai"].upstream == "https://api.openai.com"
     assert s.providers["gemini"].upstream == "https://generativelanguage.googleapis.com"
@@ -84,17 +89,71 @@ def test_reachable_host_follows_advertise_host_and_host(write_config):
 
 # ---------------------------------------------------------------- required / unknown keys
 
+def test_shipped_config_equals_the_defaults():
+    """config/lmgate.yaml documents the defaults: the same keys, the same values."""
+    assert SHIPPED_RAW == defaults()
+    assert load_settings(SHIPPED, environ={}) == dataclasses.replace(
+        _resolve_paths(Settings(), SHIPPED.parent), source=SHIPPED)
+
+
+@pytest.fixture
+def partial(tmp_path):
+    """partial(text) -> a config file holding only `text`, in tmp_path/config/."""
+    def write(text: str) -> Path:
+        folder = tmp_path / "config"
+        folder.mkdir(exist_ok=True)
+        path = folder / "mine.yaml"
+        path.write_text(text, encoding="utf-8")
+        return path
+    return write
+
+
 @pytest.mark.parametrize("path", ALL_KEYS, ids=[".".join(p) for p in ALL_KEYS])
-def test_every_key_is_required(write_config, path):
+def test_every_key_is_optional(write_config, path):
     config = write_config(lambda raw: _at(raw, path).pop(path[-1]))
-    message = _error(config)
-    assert f"missing config key {'.'.join(path)}" in message
-    assert str(config) in message
+    assert load_settings(config, environ={}) == dataclasses.replace(
+        load_settings(write_config(), environ={}), source=config)
 
 
-def test_missing_key_example_from_docs(write_config):
-    message = _error(write_config(lambda raw: raw["stats"].pop("rotate_bytes")))
-    assert message.endswith("missing config key stats.rotate_bytes")
+def test_a_file_holds_only_what_it_changes(partial, tmp_path):
+    s = load_settings(partial("proxy:\n  port: 9090\nstats:\n"), environ={"LMGATE_SERVER__PORT": "9091"})
+    assert (s.proxy.port, s.server.port, s.proxy.host) == (9090, 9091, "0.0.0.0")
+    assert s.stats.output_path == tmp_path / "data" / "stats.jsonl"     # default, beside config/
+    assert load_settings(partial(""), environ={}).auth.cache_seconds == 1
+    # env overrides work for keys the file does not hold
+    s = load_settings(partial("logging:\n  level: debug\n"), environ={"LMGATE_STATS__ROTATE_BYTES": "7"})
+    assert (s.logging.level, s.stats.rotate_bytes) == ("debug", 7)
+
+
+def test_relative_paths_follow_the_config_file_not_the_working_directory(partial, tmp_path, monkeypatch):
+    config = partial("auth:\n  allowlist_path: keys.csv\nstats:\n  spool_dir: /srv/spool\n")
+    monkeypatch.chdir("/")
+    s = load_settings(config, environ={"LMGATE_STATS__OUTPUT_PATH": "../out/stats.jsonl"})
+    assert s.auth.allowlist_path == tmp_path / "config" / "keys.csv"
+    assert s.stats.output_path == tmp_path / "out" / "stats.jsonl"
+    assert s.stats.spool_dir == Path("/srv/spool")
+
+
+def test_every_error_of_a_file_is_reported_at_once(partial):
+    config = partial("proxy:\n  port: 0\n  colour: blue\nstats:\n  rotate_bytes: many\n"
+                     "logging:\n  level: loud\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ={"LMGATE_SERVER__PORT": "x", "LMGATE_NOPE__KEY": "1"})
+    lines = str(info.value).splitlines()
+    assert len(lines) == 6, lines
+    assert all(ln.startswith((f"{config}: ", "LMGATE_")) for ln in lines)
+    for key in ("proxy.colour", "proxy.port", "stats.rotate_bytes", "logging.level", "server.port", "nope.key"):
+        assert sum(key in ln for ln in lines) == 1, key
+
+
+def test_sections_check_only_what_a_command_reads(partial):
+    config = partial("proxy:\n  port: 0\n  colour: blue\nstats:\n  rotate_bytes: 5\n")
+    with pytest.raises(ConfigError):
+        load_settings(config, environ={})
+    s = load_settings(config, environ={"LMGATE_PROXY__PORT": "x"}, sections=("stats", "report"))
+    assert s.stats.rotate_bytes == 5
+    with pytest.raises(ConfigError, match="stats.rotate_bytes"):
+        load_settings(partial("stats:\n  rotate_bytes: -1\n"), environ={}, sections=("stats", "report"))
 
 
 @pytest.mark.parametrize("section", [(), ("proxy",), ("stats",), ("providers", "openai")],
@@ -115,7 +174,9 @@ def test_unknown_keys_of_mixed_types_give_config_error(write_config):
     def add(raw):
         raw[1] = "a"
         raw["colour"] = "blue"
-    _error(write_config(add))
+    with pytest.raises(ConfigError) as info:
+        load_settings(write_config(add), environ={})
+    assert [ln.rsplit(" ", 1)[-1] for ln in str(info.value).splitlines()] == ["1", "colour"]
 
 
 def test_unknown_provider_is_named(write_config):
@@ -257,7 +318,7 @@ def test_env_overrides_file_value(write_config):
 def test_env_spool_dir():
     s = load_settings(SHIPPED, environ={"LMGATE_STATS__SPOOL_DIR": "/var/spool/lmgate"})
     assert s.stats.spool_dir == Path("/var/spool/lmgate")
-    assert load_settings(SHIPPED, environ={}).stats.spool_dir == Path("data/spool")
+    assert load_settings(SHIPPED, environ={}).stats.spool_dir == SHIPPED.parents[1] / "data" / "spool"
 
 
 def test_spool_dir_in_file(write_config):
@@ -358,7 +419,14 @@ def test_control_character_in_yaml_is_a_one_line_error(tmp_path):
     assert str(path) in message and "line 2" in message
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n", "- a\n- b\n", "just a string\n", "42\n"])
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_file_is_the_defaults(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert load_settings(path, environ={}).proxy.port == 8080
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
 def test_top_level_must_be_a_mapping(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text, encoding="utf-8")
