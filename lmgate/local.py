@@ -33,6 +33,15 @@ RESOLVE_INTERVAL_SECONDS = 10
 RESTART_BACKOFF_SECONDS = (0.2, 0.5, 1, 2, 5)
 
 
+def client_url(host: str, port: int) -> str:
+    """A URL a user can open: a wildcard listen address is not one, so say loopback and, for
+    other machines, the host's name."""
+    if host in ("0.0.0.0", "", "::", "[::]"):
+        return (f"http://127.0.0.1:{port}/<provider>/... (from other machines: "
+                f"http://{socket.gethostname()}:{port}/<provider>/...)")
+    return f"http://[{host}]:{port}/<provider>/..." if ":" in host else f"http://{host}:{port}/<provider>/..."
+
+
 class StartError(Exception):
     """LMGate cannot start; one line with the reason (and a hint)."""
 
@@ -204,8 +213,8 @@ class Up:
         try:
             self._start_sidecar()
             self.nginx.start()
-            log.info("LMGate is up: clients use http://%s:%d/<provider>/... (sidecar %s:%d)",
-                     self.settings.proxy.host, self.settings.proxy.port,
+            log.info("LMGate is up: clients use %s; sidecar %s:%d",
+                     client_url(self.settings.proxy.host, self.settings.proxy.port),
                      self.settings.server.host, self.settings.server.port)
             return self._supervise()
         finally:

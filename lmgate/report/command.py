@@ -202,7 +202,7 @@ def _run_sql(records: Records, sql: str, fmt: str, out: TextIO, err: TextIO) -> 
         print(f"lmgate report: --sql: {_duckdb_error(exc)}", file=err)
         return 2
     if fmt == "json":
-        objects = [dict(zip(names, row)) for row in rows]
+        objects = [dict(zip(names, row, strict=True)) for row in rows]
         out.write(json.dumps(objects, indent=2, ensure_ascii=False, default=_json_value) + "\n")
     elif fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")
@@ -212,7 +212,7 @@ def _run_sql(records: Records, sql: str, fmt: str, out: TextIO, err: TextIO) -> 
         cells = [names] + [["" if v is None else str(_json_value(v)) for v in row] for row in rows]
         widths = [max(len(r[i]) for r in cells) for i in range(len(names))]
         for row in cells:
-            out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+            out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
     out.flush()
     return 0
 

@@ -71,7 +71,7 @@ class Report:
 
 def records(report: Report) -> list[dict[str, Any]]:
     """One object per group: its fields, COUNTERS (cost_usd null when not known), SOURCE."""
-    return [{**dict(zip(report.by, row.group)), **{name: getattr(row, name) for name in COUNTERS},
+    return [{**dict(zip(report.by, row.group, strict=True)), **{name: getattr(row, name) for name in COUNTERS},
              SOURCE: row.price_source} for row in report.rows]
 
 
@@ -175,17 +175,17 @@ def table_lines(report: Report, ellipsis: str = "…") -> list[str]:
              for i, h in enumerate(grp_heads)]
 
     def nums(cells: list[str], gap: str) -> str:
-        return gap.join(c.rjust(w) for c, w in zip(cells, num_w))
+        return gap.join(c.rjust(w) for c, w in zip(cells, num_w, strict=True))
 
     def grp(cells: list[str], widths: list[int]) -> str:
-        return "  ".join(_clip(c, w, ellipsis).ljust(w) for c, w in zip(cells, widths))
+        return "  ".join(_clip(c, w, ellipsis).ljust(w) for c, w in zip(cells, widths, strict=True))
 
     lines = []
     if sum(grp_w) + 2 * len(grp_w) + len(nums(heads, " ")) <= WIDTH:
         def line(g: list[str], n: list[str]) -> str:
             return grp(g, grp_w) + "  " + nums(n, " ")
         lines.append(line(grp_heads, heads))
-        lines += [line(g, n) for g, n in zip(group_cells, number_cells)]
+        lines += [line(g, n) for g, n in zip(group_cells, number_cells[:-1], strict=True)]
         lines.append(line(total_label, number_cells[-1]))
     else:
         # Stacked: the group's values on one line, its numbers indented on the next.
@@ -193,7 +193,7 @@ def table_lines(report: Report, ellipsis: str = "…") -> list[str]:
         gap = "  " if 2 + len(nums(heads, "  ")) <= WIDTH else " "
         lines.append(grp(grp_heads, widths))
         lines.append("  " + nums(heads, gap))
-        for g, n in zip(group_cells, number_cells):
+        for g, n in zip(group_cells, number_cells[:-1], strict=True):
             lines.append(grp(g, widths))
             lines.append("  " + nums(n, gap))
         lines.append("TOTAL")

@@ -130,7 +130,7 @@ class Gate:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"lmgate did not stop within {timeout}s:\n{self.log()}")
+                raise AssertionError(f"lmgate did not stop within {timeout}s:\n{self.log()}") from None
         self._log.close()
         return self.proc.returncode
 

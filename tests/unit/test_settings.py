@@ -444,3 +444,26 @@ def test_non_utf8_file(tmp_path):
 def test_directory_instead_of_file(tmp_path):
     message = _error(tmp_path)
     assert str(tmp_path) in message and "cannot read" in message
+
+
+def test_up_prints_a_url_a_user_can_open(monkeypatch):
+    import lmgate.local as local
+    monkeypatch.setattr(local.socket, "gethostname", lambda: "gatehost")
+    assert local.client_url("0.0.0.0", 8080) == ("http://127.0.0.1:8080/<provider>/... (from other "
+                                                 "machines: http://gatehost:8080/<provider>/...)")
+    assert local.client_url("10.1.2.3", 9090) == "http://10.1.2.3:9090/<provider>/..."
+    assert local.client_url("::1", 9090) == "http://[::1]:9090/<provider>/..."
+
+
+def test_cli_version_and_every_command_has_a_description_and_an_example(capsys):
+    from lmgate import cli
+    with pytest.raises(SystemExit) as done:
+        cli.run(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("lmgate ")
+    for name in cli._COMMANDS:
+        with pytest.raises(SystemExit):
+            cli.run([name, "--help"])
+        out = capsys.readouterr().out
+        description, example = cli._COMMANDS[name][1:]
+        assert " ".join(description.split()[:4]) in " ".join(out.split())
+        assert "example:\n  lmgate" in out or "example:\n  LMGATE_" in out or "example:\n  echo" in out
