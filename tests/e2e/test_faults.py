@@ -25,7 +25,8 @@ import httpx
 import pytest
 
 from tests.support.fault_upstream import FIRST_EVENT, FaultUpstream, closed_port
-from tests.support.gate import ALICE_KEY, ALLOWLIST, BOB_KEY, CONFIG, Gate, wait_until
+from tests.support.gate import ALICE_KEY, ALLOWLIST, BOB_KEY, CONFIG, Gate
+from tests.support.wait import wait_until
 from tests.support.hardening import (CAROL_KEY, COMMA_KEY, QUERY_KEY, QUOTE_KEY, Load, alive,
                                      find_leaks, gate_outputs, known_bug, log_count, nginx_master_pid,
                                      readyz, rss_kib)

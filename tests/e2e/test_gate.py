@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.gate import ALICE_KEY, BOB_KEY, UNLISTED_KEY, Gate, wait_until
+from tests.support.gate import ALICE_KEY, BOB_KEY, UNLISTED_KEY, Gate
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,6 @@ named in the reason is expected to fail; any other failure in them fails the run
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import yaml
 
 from lmgate.providers import PROVIDERS
 from tests.support.fault_upstream import FaultUpstream, closed_port
-from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate, wait_until
-from tests.support.http_head import parse_response
+from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate
+from tests.support.wait import wait_until
+from tests.support.http import bearer, raw_request
 from tests.support.hardening import (QUERY_KEY, SUITE_KEYS, find_leaks, gate_outputs, known_bug,
                                      readyz)
 from tests.support.mock_upstream import MockUpstream
@@ -34,43 +34,6 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_KEY_HEADERS = {"Authorization": f"Bearer {ALICE_KEY}", "x-api-key": ALICE_KEY, "x-goog-api-key": ALICE_KEY}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def raw_request(port: int, data: bytes, timeout: float = 10) -> tuple[int | None, dict[str, str], bytes]:
-    """Send bytes as they are (HTTP clients normalise paths and headers); return status, headers, body."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        try:
-            sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # nginx may answer and close before it has read everything (413)
-        received = b""
-        while not _complete(received):
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
-    if not received.partition(b"\r\n\r\n")[0]:
-        return None, {}, b""
-    return parse_response(received)
-
-
-def _complete(received: bytes) -> bool:
-    """A whole response with a Content-Length has arrived (nginx may linger before closing)."""
-    head, sep, body = received.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value)
-    return False
 
 
 def get(path: str, headers: dict[str, str] = ALL_KEY_HEADERS, method: str = "GET", body: bytes = b"") -> bytes:

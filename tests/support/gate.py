@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmgate.local import http_ok  # noqa: F401 - the health check the tests share with `lmgate up`
+from tests.support.http import http_ok
 from tests.support.ports import free_port
+from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "lmgate.yaml"
@@ -30,21 +31,6 @@ ALLOWLIST = (
     # Bob's key is stored hashed, as the README recommends.
     "bob,sha256:{bob_hash},bob@example.com,2026-01-02\n"
 )
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def spool_dir(workdir: Path) -> Path:

@@ -698,3 +698,19 @@ def test_bench_script_smoke() -> None:
     assert "generated 20,000 records in " in done.stdout
     assert " records/s" in done.stdout and "peak memory (ru_maxrss): report process " in done.stdout
     assert "check: 20,000 requests counted for 20,000 records written: ok" in done.stdout
+
+
+def test_prices_never_go_to_the_network(run, tmp_path: Path, monkeypatch) -> None:
+    """genai-prices' bundled data only: its updater (the one thing in it that fetches) never starts."""
+    from genai_prices import update_prices
+
+    def no_network(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("genai-prices tried to fetch prices")
+
+    monkeypatch.setattr(update_prices.UpdatePrices, "start", no_network)
+    monkeypatch.setattr(update_prices.UpdatePrices, "fetch", no_network)
+    stats = write(tmp_path / "data" / "stats.jsonl", [rec(model="gpt-4o-mini-2024-07-18")])
+    rows = as_json(run("--format", "json", "--by", "model", stats=stats))
+    assert rows[0]["price_source"] == "genai-prices" and rows[0]["cost_usd"] > 0
+    from genai_prices import data_snapshot
+    assert data_snapshot.get_snapshot().from_auto_update is False
