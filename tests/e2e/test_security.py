@@ -68,7 +68,6 @@ def fault_upstream():
     f.stop()
 
 
-BODIES: list[str] = []  # every body received by the key-leak test
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +150,14 @@ def test_compose_keeps_the_sidecar_on_an_internal_network():
 
 # ============================================================================ keys never leak
 
-def _leak_calls(g: Gate) -> None:
-    """Every key, in every place, against answers that make nginx log the request line."""
+def _leak_calls(g: Gate) -> list[str]:
+    """Every key, in every place, against answers that make nginx log the request line; returns
+    the bodies received."""
+    bodies: list[str] = []
     with httpx.Client(timeout=10) as client:
         def call(method, provider, path, **kw):
             resp = client.request(method, g.base(provider) + path, **kw)
-            BODIES.append(resp.text)
+            bodies.append(resp.text)
             return resp.status_code
 
         for key in SUITE_KEYS:
@@ -182,16 +183,17 @@ def _leak_calls(g: Gate) -> None:
             # an over-long header line: nginx's own 400 (logged at info level only)
             assert call("GET", "openai", "/v1/models",
                         headers={"Authorization": f"Bearer {key}" + "x" * 40_000}) == 400
+    return bodies
 
 
 def test_no_full_key_in_stats_logs_or_bodies(leaky):
-    _leak_calls(leaky)
+    bodies = _leak_calls(leaky)
     wait_until(lambda: "connect() failed" in leaky.log() and "upstream timed out" in leaky.log(),
                5, "nginx's error lines")
     assert "?<query hidden>" in leaky.log()  # the request lines are there, redacted
     wait_until(lambda: len(leaky.records()) >= 60, 5, "the records of the calls")
     outputs = gate_outputs(leaky)
-    outputs.update({f"body {i}": b for i, b in enumerate(BODIES)})
+    outputs.update({f"body {i}": b for i, b in enumerate(bodies)})
     assert find_leaks(outputs) == []
 
 

@@ -403,10 +403,11 @@ async def test_reader_survives_a_line_that_cannot_be_turned_into_a_record(make_g
     assert body["spool_bad_lines"] == 3
 
 
-async def test_the_old_stats_endpoint_is_gone(make_gate):
+async def test_unknown_paths_are_404(make_gate):
     gate = await make_gate()
-    resp = await gate.client.post("/stats?rid=x", data=OPENAI_BODY)
-    assert resp.status == 404
+    for method, path in (("POST", "/nope?rid=x"), ("GET", "/auth/x"), ("GET", "/")):
+        resp = await gate.client.request(method, path, data=OPENAI_BODY)
+        assert resp.status == 404, (method, path)
 
 
 async def test_readyz_503_when_the_spool_folder_cannot_be_made_and_recovers(make_gate, tmp_path):

@@ -337,14 +337,6 @@ def test_empty_spool_dir_from_env_is_rejected():
     assert "stats.spool_dir must be a non-empty path" in message
 
 
-@pytest.mark.parametrize("name", ["LMGATE_SERVER__FALLBACK_PORT", "LMGATE_SERVER__STATS_PORT",
-                                  "LMGATE_STATS__QUEUE_SIZE"])
-def test_removed_keys_are_unknown(name):
-    """The settings of the old /stats and syslog transport are gone: setting one is an error."""
-    message = _error(SHIPPED, {name: "8082"})
-    assert name in message and "unknown config key" in message
-
-
 @pytest.mark.parametrize("name,value,key", [
     ("LMGATE_PROXY__PORT", "http", "proxy.port"),
     ("LMGATE_PROXY__PORT", "80.5", "proxy.port"),
