@@ -150,8 +150,9 @@ def _window_args(args: argparse.Namespace, now: dt.datetime) -> tuple[dt.datetim
 
 
 def run_report(args: argparse.Namespace, stats_path: Path, prices_path: Path,
-               out: TextIO = sys.stdout) -> int:
+               out: TextIO | None = None) -> int:
     """Print the report of `stats_path` and its rotated files; 0, or 2 on a bad argument/file."""
+    out = out or sys.stdout
     err = sys.stderr
     now = _now()
     sql = getattr(args, "sql", None)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import orjson
 
 from lmgate.providers import PROVIDERS
 
@@ -170,7 +170,7 @@ class Records:
             if len(self.bad_samples) >= MAX_BAD_SAMPLES:
                 break
             if counts.get(src.read):
-                self.bad_samples += diagnose(src, self.since, self.until,
+                self.bad_samples += diagnose(src, self.since, self.until, counts[src.read],
                                              MAX_BAD_SAMPLES - len(self.bad_samples))
 
 
@@ -287,7 +287,7 @@ def why_malformed(line: bytes, since: str | None, until: str | None) -> str | No
     if not line.strip():
         return None
     try:
-        rec = json.loads(line)
+        rec = orjson.loads(line)
     except ValueError:
         return "not valid JSON"
     if type(rec) is not dict:
@@ -312,10 +312,12 @@ def why_malformed(line: bytes, since: str | None, until: str | None) -> str | No
     return None
 
 
-def diagnose(src: Source, since: str | None, until: str | None,
+def diagnose(src: Source, since: str | None, until: str | None, bad: int,
              limit: int) -> list[tuple[str, int, str]]:
-    """Up to `limit` malformed lines of one file: (file, line number, reason)."""
+    """Up to `limit` malformed lines of one file that has `bad` of them: (file, line, reason).
+    Reading stops once they are found."""
     found: list[tuple[str, int, str]] = []
+    seen = 0
     opener = gzip.open if src.label.endswith(".gz") else open
     with opener(src.read, "rb") as f:
         lineno = 0
@@ -327,6 +329,7 @@ def diagnose(src: Source, since: str | None, until: str | None,
             if not line.endswith(b"\n") and reason == "not valid JSON":
                 reason += " (incomplete last line)"
             found.append((src.label, lineno, reason))
-            if len(found) >= limit:
+            seen += 1
+            if len(found) >= limit or seen >= bad:
                 break
     return found

@@ -23,6 +23,7 @@ from lmgate.report import command, output, query
 from lmgate.report.prices import Pricer, PriceError, load_prices
 from lmgate.report.query import GROUP_FIELDS, stats_files, ts_bound
 from lmgate.report.summary import summarize
+from lmgate.settings import ConfigError
 
 pytestmark = pytest.mark.unit
 
@@ -714,3 +715,19 @@ def test_prices_never_go_to_the_network(run, tmp_path: Path, monkeypatch) -> Non
     assert rows[0]["price_source"] == "genai-prices" and rows[0]["cost_usd"] > 0
     from genai_prices import data_snapshot
     assert data_snapshot.get_snapshot().from_auto_update is False
+
+
+def test_report_reads_only_the_stats_and_report_settings(tmp_path: Path, capsys) -> None:
+    """A setting the report does not use cannot stop it; one it uses still does."""
+    from lmgate import cli
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "prices.yaml").write_text(PRICES, encoding="utf-8")
+    write(tmp_path / "data" / "stats.jsonl", [rec()])
+    config = folder / "lmgate.yaml"
+    config.write_text("proxy:\n  port: 0\n  nginx_binary: /nonexistent\nserver:\n  port: http\n", encoding="utf-8")
+    assert cli.run(["report", "--config", str(config), "--format", "json", "--by", "owner"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["requests"] == 1
+    config.write_text("stats:\n  output_path: 7\n  rotate_bytes: many\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="stats.rotate_bytes"):
+        cli.run(["report", "--config", str(config)])
