@@ -43,6 +43,8 @@ RECORD_FIELDS = ("timestamp", "request_id", "lmgate_id", "owner", "provider", "a
                  "duration_ms", "response_bytes", "masked_key", "error_type")
 
 MAX_BAD_SAMPLES = 10
+# A longer line is malformed. Records are a few hundred bytes; DuckDB's read buffers grow with it.
+MAX_LINE_BYTES = 16 << 20
 # A rotated file only holds records written before it was renamed: skip it when it was renamed
 # this long before --since (a margin for clock adjustments).
 ROTATION_MARGIN = dt.timedelta(hours=1)
@@ -223,7 +225,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, files: list[str], since: str |
                    + ", ".join(f"{_sql_string(name)}: 'JSON'" for name in json_fields) + "}")
         listed = "[" + ", ".join(_sql_string(f) for f in files) + "]"
         source = (f"read_json({listed}, format = 'newline_delimited', columns = {columns}, "
-                  "ignore_errors = true, filename = true, maximum_object_size = 67108864)")
+                  f"ignore_errors = true, filename = true, maximum_object_size = {MAX_LINE_BYTES})")
         raw = ", ".join(f'"{name}" AS j_{name}' for name in ("timestamp", *json_fields))
         con.execute(f"CREATE TEMP VIEW raw AS SELECT filename, {raw} FROM {source}")
     else:       # no file: an empty view with the same columns
