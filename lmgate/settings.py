@@ -142,10 +142,16 @@ def defaults() -> dict[str, Any]:
 
 
 class _Errors(list):
-    """Problems found so far, each one line naming the file (or variable) and key."""
+    """Problems found so far, each one line naming the file (or variable) and key; `sections`
+    holds the top-level section each one is about."""
 
-    def fail(self, message: str) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+
+    def fail(self, message: str, key: str) -> None:
         self.append(message)
+        self.sections.append(key.split(".")[0])
 
 
 def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | None = None,
@@ -182,7 +188,7 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
     _merge(merged, raw, path, "", errors)
     _apply_env(merged, environ, errors)
     if sections is not None:
-        errors[:] = [e for e in errors if _section_of(e) in sections]
+        errors[:] = [e for e, section in zip(errors, errors.sections, strict=True) if section in sections]
         keep = defaults()
         merged = {k: (merged[k] if k in sections else keep[k]) for k in keep}
     settings = _build(Settings, merged, path, "", errors)
@@ -192,27 +198,19 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
     return _resolve_paths(dataclasses.replace(settings, source=path), path.parent)
 
 
-def _section_of(message: str) -> str | None:
-    """The section an error is about ("...: proxy.port must ..." -> proxy)."""
-    for name in (f.name for f in dataclasses.fields(Settings)):
-        if f": {name}." in message or f" {name}." in message or f" key {name}" in message:
-            return name
-    return None
-
-
 def _merge(base: dict[str, Any], raw: dict[Any, Any], path: Path, prefix: str, errors: _Errors) -> None:
     """The file's values over the defaults; a key the defaults lack is unknown."""
     for key, value in raw.items():
         name = f"{prefix}{key}"
         if prefix == "providers." and isinstance(key, str) and key not in base and key not in PROVIDERS:
-            errors.fail(f"{path}: unknown provider providers.{key} (known: {', '.join(PROVIDERS)})")
+            errors.fail(f"{path}: unknown provider providers.{key} (known: {', '.join(PROVIDERS)})", name)
         elif key not in base:
-            errors.fail(f"{path}: unknown config key {name}")
+            errors.fail(f"{path}: unknown config key {name}", name)
         elif isinstance(base[key], dict):
             if isinstance(value, dict):
                 _merge(base[key], value, path, name + ".", errors)
             elif value is not None:      # `section:` left empty keeps the defaults
-                errors.fail(f"{path}: {name} must be a mapping")
+                errors.fail(f"{path}: {name} must be a mapping", name)
         else:
             base[key] = value
 
@@ -230,7 +228,7 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], errors: _Errors)
                 break
             node = child
         if node is None or keys[-1] not in node or isinstance(node[keys[-1]], dict):
-            errors.fail(f"{name}: unknown config key {'.'.join(keys)}")
+            errors.fail(f"{name}: unknown config key {'.'.join(keys)}", ".".join(keys))
             continue
         # Strings from the environment are coerced later against the declared type.
         node[keys[-1]] = _EnvString(value)
@@ -251,7 +249,7 @@ def _build(cls: type, raw: Any, path: Path, prefix: str, errors: _Errors) -> Any
         try:
             value = _convert(hints[field.name], raw[field.name], path, prefix + field.name, errors)
         except ConfigError as exc:
-            errors.fail(str(exc))
+            errors.fail(str(exc), prefix + field.name)
             value = None
         if value is None:
             if field.default_factory is not dataclasses.MISSING:
@@ -338,7 +336,7 @@ def _validate(s: Settings, path: Path, errors: _Errors, sections: tuple[str, ...
 
     for key, port in (("proxy.port", s.proxy.port), ("server.port", s.server.port)):
         if wanted(key) and not 1 <= port <= 65535:
-            errors.fail(f"{path}: {key} must be between 1 and 65535, got {port}")
+            errors.fail(f"{path}: {key} must be between 1 and 65535, got {port}", key)
     positive = {
         "auth.poll_interval_seconds": s.auth.poll_interval_seconds,
         "stats.flush_interval_seconds": s.stats.flush_interval_seconds,
@@ -351,22 +349,23 @@ def _validate(s: Settings, path: Path, errors: _Errors, sections: tuple[str, ...
     }
     for key, value in positive.items():
         if wanted(key) and (not math.isfinite(value) or value <= 0):
-            errors.fail(f"{path}: {key} must be greater than 0, got {value}")
+            errors.fail(f"{path}: {key} must be greater than 0, got {value}", key)
     if wanted("auth") and s.auth.cache_seconds < 0:
-        errors.fail(f"{path}: auth.cache_seconds must be 0 or more, got {s.auth.cache_seconds}")
+        errors.fail(f"{path}: auth.cache_seconds must be 0 or more, got {s.auth.cache_seconds}", "auth")
     for key, size in (("proxy.max_body_size", s.proxy.max_body_size),
                       ("proxy.max_header_size", s.proxy.max_header_size)):
         try:
             size_bytes(size)
         except ValueError:
             if wanted(key):
-                errors.fail(f"{path}: {key} must be an nginx size like 512, 32k or 100m, got {size!r}")
+                errors.fail(f"{path}: {key} must be an nginx size like 512, 32k or 100m, got {size!r}", key)
     if wanted("logging") and s.logging.level.lower() not in ("debug", "info", "warning", "error"):
-        errors.fail(f"{path}: logging.level must be debug, info, warning or error, got {s.logging.level!r}")
+        errors.fail(f"{path}: logging.level must be debug, info, warning or error, got {s.logging.level!r}",
+                    "logging")
     if not wanted("providers"):
         return
     for name, provider in s.providers.items():
         url = urlsplit(provider.upstream)
         if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
             errors.fail(f"{path}: providers.{name}.upstream must be an http(s) URL without query, "
-                        f"got {provider.upstream!r}")
+                        f"got {provider.upstream!r}", "providers")
