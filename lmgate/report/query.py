@@ -101,7 +101,8 @@ def connect() -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _sql_string(text: str) -> str:
+def sql_string(text: str) -> str:
+    """A SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -133,7 +134,8 @@ class Source:
 
 @dataclass
 class Records:
-    """The stats files as DuckDB views: `checked` (every row, with its problem) and `records`."""
+    """The stats files as DuckDB views: `checked` (rows in the window or bad, with `bad`) and
+    `records` (the valid records of the window, typed)."""
     con: duckdb.DuckDBPyConnection
     sources: list[Source]
     found: bool                        # some stats file exists
@@ -222,8 +224,8 @@ def _create_views(con: duckdb.DuckDBPyConnection, files: list[str], since: str |
     if files:
         # The timestamp as text (anything but a string fails to parse below), the rest as JSON.
         columns = ("{'timestamp': 'VARCHAR', "
-                   + ", ".join(f"{_sql_string(name)}: 'JSON'" for name in json_fields) + "}")
-        listed = "[" + ", ".join(_sql_string(f) for f in files) + "]"
+                   + ", ".join(f"{sql_string(name)}: 'JSON'" for name in json_fields) + "}")
+        listed = "[" + ", ".join(sql_string(f) for f in files) + "]"
         source = (f"read_json({listed}, format = 'newline_delimited', columns = {columns}, "
                   f"ignore_errors = true, filename = true, maximum_object_size = {MAX_LINE_BYTES})")
         raw = ", ".join(f'"{name}" AS j_{name}' for name in ("timestamp", *json_fields))
@@ -234,9 +236,9 @@ def _create_views(con: duckdb.DuckDBPyConnection, files: list[str], since: str |
                     f"NULL::VARCHAR AS j_timestamp, {raw} LIMIT 0")
     window = []
     if since:
-        window.append(f"ts >= TIMESTAMPTZ {_sql_string(since + 'Z')}")
+        window.append(f"ts >= TIMESTAMPTZ {sql_string(since + 'Z')}")
     if until:
-        window.append(f"ts < TIMESTAMPTZ {_sql_string(until + 'Z')}")
+        window.append(f"ts < TIMESTAMPTZ {sql_string(until + 'Z')}")
     in_window = " AND ".join(window) or "true"
     tokens = ", ".join(f"try_cast(j_{name}::VARCHAR AS UBIGINT) AS t_{name}" for name in TOKEN_FIELDS)
     # The writer's form first (fast), then other ISO 8601 forms, read as UTC unless they say;

@@ -1,18 +1,20 @@
-"""From the `records` view to report rows: grouped and summed by DuckDB, priced per group.
+"""From the stats files to report rows: grouped and summed by DuckDB, priced per group.
 
-DuckDB sums the records per report group and per what prices them (provider, format, model, day,
-long-context tier), the Pricer prices each distinct (provider, format, model, day, tier) once, and
-DuckDB applies those prices and rolls the sums up to one row per group.
+DuckDB sums the valid records per report group and per what prices them (provider, format, model,
+price epoch, long-context tier: prices.Pricer), the Pricer prices each distinct (provider, format,
+model, epoch, tier) once, and DuckDB applies those prices and rolls the sums up to one row per
+group.
 """
 
 from __future__ import annotations
 
 from lmgate.report.output import DENIED, NO_USAGE, Report, Row
 from lmgate.report.prices import Pricer, price_list
-from lmgate.report.query import Records, _sql_string, fmt_sql
+from lmgate.report.query import Records, fmt_sql, sql_string
+
 
 def _in(values: frozenset[str]) -> str:
-    return "(" + ", ".join(_sql_string(v) for v in sorted(values)) + ")"
+    return "(" + ", ".join(sql_string(v) for v in sorted(values)) + ")"
 
 
 _RAW_GROUP = {"day": "CAST(ts AS DATE)", "hour": "date_trunc('hour', ts)"}
@@ -35,8 +37,9 @@ def summarize(records: Records, by: tuple[str, ...], pricer: Pricer, window: str
     epoch = " + ".join(f"(ts >= TIMESTAMPTZ '{d.isoformat()} 00:00:00Z')::INTEGER"
                        for d in pricer.change_dates()) or "0"
     # One pass: summed per report group and per what prices a call (provider, format, model, price
-    # epoch and tier), on the raw JSON values; bad lines apart, per file. Calls that share what prices them
-    # share their prices, so each sum is priced once. Values are decoded after, on the few sums.
+    # epoch and tier), on the raw JSON values; bad lines apart, per file. Calls that share what
+    # prices them share their prices, so each sum is priced once. Values are decoded after, on the
+    # few sums.
     sums = ", ".join(f"sum({t})::HUGEINT AS {name}" for name, t in (
         ("inp", "t_input_tokens"), ("out", "t_output_tokens"), ("cr", "t_cache_read_tokens"),
         ("cw", "t_cache_write_tokens"), ("rsn", "t_reasoning_tokens")))
