@@ -273,6 +273,11 @@ def _convert(hint: Any, value: Any, path: Path, key: str, errors: _Errors) -> An
             raise ConfigError(f"{path}: {key} must be a mapping")
         items = {str(k): _convert(item_type, v, path, f"{key}.{k}", errors) for k, v in value.items()}
         return None if any(v is None for v in items.values()) else items   # None: the default
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:      # `X | None`: null (or "" from the environment)
+        if value is None or (isinstance(value, _EnvString) and not value.strip()):
+            return None
+        hint = next(a for a in args if a is not type(None))
     where = path
     from_env = isinstance(value, _EnvString)
     if from_env:

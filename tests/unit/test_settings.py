@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lmgate.providers import PROVIDERS
-from lmgate.settings import ConfigError, Settings, _resolve_paths, defaults, load_settings
+from lmgate.settings import ConfigError, ProxySettings, Settings, _resolve_paths, defaults, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -459,3 +459,27 @@ def test_cli_version_and_every_command_has_a_description_and_an_example(capsys):
         description, example = cli._COMMANDS[name][1:]
         assert " ".join(description.split()[:4]) in " ".join(out.split())
         assert "example:\n  lmgate" in out or "example:\n  LMGATE_" in out or "example:\n  echo" in out
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProxyWithKey(ProxySettings):
+    tls_cert_path: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _SettingsWithKey(Settings):
+    proxy: _ProxyWithKey = _ProxyWithKey()
+
+
+def test_an_optional_path_key_is_one_field_away(monkeypatch, partial, tmp_path):
+    """What DEVELOPMENT.md promises a new key costs: a field with its default (the shipped YAML line
+    is the other half, checked by test_shipped_config_equals_the_defaults)."""
+    import lmgate.settings as settings_mod
+    monkeypatch.setattr(settings_mod, "Settings", _SettingsWithKey)
+    assert load_settings(partial(""), environ={}).proxy.tls_cert_path is None
+    s = load_settings(partial("proxy:\n  tls_cert_path: certs/gate.pem\n"), environ={})
+    assert s.proxy.tls_cert_path == tmp_path / "config" / "certs" / "gate.pem"
+    s = load_settings(partial("proxy:\n  tls_cert_path: x.pem\n"), environ={"LMGATE_PROXY__TLS_CERT_PATH": ""})
+    assert s.proxy.tls_cert_path is None
+    with pytest.raises(ConfigError, match="proxy.tls_cert_path must be a non-empty path"):
+        load_settings(partial("proxy:\n  tls_cert_path: 5\n"), environ={})
