@@ -17,6 +17,8 @@ def _in(values: frozenset[str]) -> str:
     return "(" + ", ".join(sql_string(v) for v in sorted(values)) + ")"
 
 
+# `lmgate doctor`'s own calls (on branches that have it) are records, never usage.
+CANARY = "canary"
 _RAW_GROUP = {"day": "CAST(ts AS DATE)", "hour": "date_trunc('hour', ts)"}
 _DECODE = {"day": "strftime({}, '%Y-%m-%d')", "hour": "strftime({}, '%Y-%m-%dT%H:00Z')",
            "status": "{}::BIGINT"}
@@ -49,6 +51,7 @@ def summarize(records: Records, by: tuple[str, ...], pricer: Pricer, window: str
                j_provider, j_api_format, j_model, j_error_type, fmt, {epoch} AS epoch,
                {tier} AS tier, count(*) AS n, {sums}
         FROM (SELECT *, {fmt_sql()} AS fmt FROM checked)
+        WHERE bad OR j_error_type IS DISTINCT FROM '"{CANARY}"'
         GROUP BY ALL""")
     records.check(dict(con.execute("SELECT bad_file, sum(n)::BIGINT FROM agg_raw "
                                    "WHERE bad_file IS NOT NULL GROUP BY ALL").fetchall()))

@@ -168,6 +168,15 @@ def test_denied_errors_and_missing_usage_are_counted_apart(run, tmp_path: Path) 
     assert "2 successful calls had no token counts" in out
 
 
+def test_canary_calls_are_left_out(run, tmp_path: Path) -> None:
+    """`lmgate doctor`'s canary calls are records (error_type canary), never usage."""
+    canary = dict(error_type="canary", status=204, provider="_lmgate", lmgate_id=None, owner=None,
+                  model=None, endpoint="/_lmgate/canary/x", input_tokens=None, output_tokens=None)
+    stats = write(tmp_path / "data" / "stats.jsonl", [rec(), rec(**canary), rec(**canary)])
+    rows = as_json(run("--format", "json", "--by", "provider", stats=stats))
+    assert [(r["provider"], r["requests"], r["errors"]) for r in rows] == [("openai", 1, 0)]
+
+
 # ---------------------------------------------------------------- files, rotation, time window
 
 def test_rotated_files_are_read_in_order_each_once(run, tmp_path: Path) -> None:
