@@ -47,6 +47,11 @@ class ProxySettings:
     nginx_binary: str = "auto"
     worker_processes: str = "auto"
     runtime_dir: Path = Path("../run")
+    # "" = TLS off (a path is a string here because empty means off).
+    tls_cert_path: str = ""
+    tls_key_path: str = ""
+    # 0 = no plain-HTTP port beside TLS.
+    http_port: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +357,16 @@ def _validate(s: Settings, path: Path, errors: _Errors, sections: tuple[str, ...
         "proxy.upstream_connect_timeout_seconds": s.proxy.upstream_connect_timeout_seconds,
         "proxy.upstream_read_timeout_seconds": s.proxy.upstream_read_timeout_seconds,
     }
+    if wanted("proxy") and bool(s.proxy.tls_cert_path) != bool(s.proxy.tls_key_path):
+        errors.fail(f"{path}: proxy.tls_cert_path and proxy.tls_key_path must be set together "
+                    f"(both empty = TLS off)", "proxy")
+    if wanted("proxy") and s.proxy.http_port:
+        if not s.proxy.tls_cert_path:
+            errors.fail(f"{path}: proxy.http_port is a plain-HTTP port beside TLS; set proxy.tls_cert_path "
+                        f"and proxy.tls_key_path, or set it to 0 (proxy.port already speaks plain HTTP)", "proxy")
+        elif not 1 <= s.proxy.http_port <= 65535 or s.proxy.http_port in (s.proxy.port, s.server.port):
+            errors.fail(f"{path}: proxy.http_port must be 0 (off) or a port between 1 and 65535 other than "
+                        f"proxy.port and server.port, got {s.proxy.http_port}", "proxy")
     for key, value in positive.items():
         if wanted(key) and (not math.isfinite(value) or value <= 0):
             errors.fail(f"{path}: {key} must be greater than 0, got {value}", key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from pathlib import Path
 from typing import Any
@@ -463,7 +464,7 @@ def test_cli_version_and_every_command_has_a_description_and_an_example(capsys):
 
 @dataclasses.dataclass(frozen=True)
 class _ProxyWithKey(ProxySettings):
-    tls_cert_path: Path | None = None
+    client_ca_path: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,10 +477,22 @@ def test_an_optional_path_key_is_one_field_away(monkeypatch, partial, tmp_path):
     is the other half, checked by test_shipped_config_equals_the_defaults)."""
     import lmgate.settings as settings_mod
     monkeypatch.setattr(settings_mod, "Settings", _SettingsWithKey)
-    assert load_settings(partial(""), environ={}).proxy.tls_cert_path is None
-    s = load_settings(partial("proxy:\n  tls_cert_path: certs/gate.pem\n"), environ={})
-    assert s.proxy.tls_cert_path == tmp_path / "config" / "certs" / "gate.pem"
-    s = load_settings(partial("proxy:\n  tls_cert_path: x.pem\n"), environ={"LMGATE_PROXY__TLS_CERT_PATH": ""})
-    assert s.proxy.tls_cert_path is None
-    with pytest.raises(ConfigError, match="proxy.tls_cert_path must be a non-empty path"):
-        load_settings(partial("proxy:\n  tls_cert_path: 5\n"), environ={})
+    assert load_settings(partial(""), environ={}).proxy.client_ca_path is None
+    s = load_settings(partial("proxy:\n  client_ca_path: certs/ca.pem\n"), environ={})
+    assert s.proxy.client_ca_path == tmp_path / "config" / "certs" / "ca.pem"
+    s = load_settings(partial("proxy:\n  client_ca_path: x.pem\n"), environ={"LMGATE_PROXY__CLIENT_CA_PATH": ""})
+    assert s.proxy.client_ca_path is None
+    with pytest.raises(ConfigError, match="proxy.client_ca_path must be a non-empty path"):
+        load_settings(partial("proxy:\n  client_ca_path: 5\n"), environ={})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("proxy:\n  tls_cert_path: /c.pem\n", "proxy.tls_cert_path and proxy.tls_key_path must be set together"),
+    ("proxy:\n  http_port: 8000\n", "proxy.http_port is a plain-HTTP port beside TLS"),
+    ("proxy:\n  tls_cert_path: /c\n  tls_key_path: /k\n  http_port: 8080\n", "proxy.http_port must be 0 (off) or"),
+])
+def test_tls_keys_default_to_off_and_are_checked_together(partial, text, message):
+    s = load_settings(partial(""), environ={})
+    assert (s.proxy.tls_cert_path, s.proxy.tls_key_path, s.proxy.http_port) == ("", "", 0)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(partial(text), environ={})
