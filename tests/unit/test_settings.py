@@ -446,6 +446,7 @@ def test_up_prints_a_url_a_user_can_open(monkeypatch):
                                                  "machines: http://gatehost:8080/<provider>/...)")
     assert local.client_url("10.1.2.3", 9090) == "http://10.1.2.3:9090/<provider>/..."
     assert local.client_url("::1", 9090) == "http://[::1]:9090/<provider>/..."
+    assert local.client_url("gate.example.com", 443, "https") == "https://gate.example.com:443/<provider>/..."
 
 
 def test_cli_version_and_every_command_has_a_description_and_an_example(capsys):
