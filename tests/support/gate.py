@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.http import http_ok
+from tests.support.http import bearer, http_ok  # noqa: F401 - bearer: for tests that import it from here
 from tests.support.ports import free_port
 from tests.support.wait import wait_until
 
