@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
     except (ConfigError, AllowListError, RenderError, StartError) as exc:
-        print(f"lmgate: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():     # a config's errors: one line each
+            print(f"lmgate: {line}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130

@@ -497,3 +497,13 @@ def test_tls_keys_default_to_off_and_are_checked_together(partial, text, message
     assert (s.proxy.tls_cert_path, s.proxy.tls_key_path, s.proxy.http_port) == ("", "", 0)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_settings(partial(text), environ={})
+
+
+def test_cli_prints_every_config_error_on_its_own_line(partial, capsys):
+    from lmgate import cli
+    config = partial("proxy:\n  port: 0\nlogging:\n  level: loud\n")
+    with pytest.raises(SystemExit) as done:
+        cli.main(["render-nginx", "--config", str(config), "--out", "/dev/null"])
+    lines = capsys.readouterr().err.splitlines()
+    assert done.value.code == 2 and len(lines) == 2
+    assert all(ln.startswith(f"lmgate: {config}: ") for ln in lines), lines
