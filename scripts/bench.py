@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -42,6 +41,8 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from lmgate.local import http_ok  # run with the interpreter that has LMGate installed
 
@@ -537,9 +538,9 @@ class Gate:
             **{f"LMGATE_PROVIDERS__{p}__UPSTREAM": upstream for p in ("OPENAI", "ANTHROPIC", "GOOGLE", "GEMINI")},
         }
         # Any other port the config declares (a future server.*_port) gets a free one too.
-        for key in re.findall(r"^  (\w+_port):", config.read_text(), re.M):
+        for key in yaml.safe_load(config.read_text()).get("server") or {}:
             name = f"LMGATE_SERVER__{key.upper()}"
-            if key != "port" and name not in env:
+            if key.endswith("_port") and name not in env:
                 env[name] = str(free_port())
         env.pop("LMGATE_CONFIG", None)
         self.proc = Proc("lmgate", cpu.on(core) + [sys.executable, "-m", "lmgate", "up", "--config", str(config)],
