@@ -233,10 +233,8 @@ class AllowListHolder:
         """check(), with the parsing in a thread: a huge list must not stall /auth meanwhile."""
         if not self._changed():
             return False
-        # The event loop gives up the GIL at each syscall and then waits for the parsing thread
-        # to hand it back: every 5 ms by default, so each of its reads, writes and flushes cost
-        # up to 5 ms while a big list was parsed, and /auth answers queued behind them (calls
-        # during a 1M-row reload, e2e test: p99 60 -> 9 ms, 4x as many served).
+        # A short GIL switch interval, so the event loop's syscalls do not each wait up to 5 ms
+        # for the parsing thread (docs/performance-history.md, "Notes moved from code comments").
         interval = sys.getswitchinterval()
         sys.setswitchinterval(PARSE_SWITCH_INTERVAL)
         try:

@@ -1,4 +1,5 @@
-"""The `lmgate` command: up, serve, nginx, render-nginx, hash-key, check-allowlist, report, doctor."""
+"""The `lmgate` command: up, serve, nginx, render-nginx, hash-key, check-allowlist, doctor, report,
+export."""
 
 from __future__ import annotations
 
@@ -21,41 +22,100 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
+# Each command: (one-line help, description, example). --help shows all three.
+_COMMANDS = {
+    "up": ("run nginx and the sidecar together in the foreground (local mode)",
+           "Render nginx's config, start the sidecar and nginx, restart either if it dies, and stop "
+           "both on Ctrl-C. Prints the URL to point SDKs at.",
+           "lmgate up --config config/lmgate.yaml"),
+    "serve": ("run the sidecar alone (what the container runs)",
+              "The aiohttp sidecar: /auth for nginx, the allow-list, the spool-to-records pipeline.",
+              "LMGATE_SERVER__HOST=0.0.0.0 lmgate serve"),
+    "nginx": ("render the config and run nginx alone in the foreground",
+              "What the container's nginx service runs; the sidecar must be reachable at "
+              "server.advertise_host.",
+              "LMGATE_SERVER__ADVERTISE_HOST=lmgate lmgate nginx"),
+    "render-nginx": ("write the nginx config",
+                     "Render nginx.conf from nginx/*.template and the settings, to read or test it.",
+                     "lmgate render-nginx --out /tmp/nginx.conf && nginx -t -p run -c /tmp/nginx.conf"),
+    "hash-key": ("read an API key on stdin, print its sha256: form for the allow-list",
+                 "The allow-list can hold sha256:<hex> instead of the key itself.",
+                 'echo -n "$OPENAI_API_KEY" | lmgate hash-key'),
+    "check-allowlist": ("validate the allow-list and print its size",
+                        "Parse the allow-list as the sidecar would, without starting anything; a bad "
+                        "line is one error naming the file and line.",
+                        "lmgate check-allowlist data/allowlist.csv"),
+    "doctor": ("check that this deployment works end to end; one line per check, with the fix",
+               "Config, nginx's rendered config, TLS, the sidecar and its allow-list, the folders each "
+               "process needs, a canary call that must come back as a record, and each provider's "
+               "upstream. Exits 0 only if every check passes.",
+               "lmgate doctor\n  docker compose exec lmgate lmgate doctor --format json"),
+    "report": ("usage and spend per owner, key, model and day",
+               "Requests, tokens and cost from the stats files (current and rotated), grouped; or "
+               "any SQL over the records with --sql. See docs/report.md.",
+               'lmgate report --since 7d --by owner\n'
+               '  lmgate report --format csv --sql "SELECT model, count(*) FROM records GROUP BY model"'),
+    "export": ("the usage records as a Parquet file, for analysts",
+               "Write the valid records of the stats files (current and rotated) to Parquet.",
+               "lmgate export --parquet usage.parquet --since 2026-11-01"),
+}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("lmgate")
+    except Exception:       # not installed (run from a source tree)
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmgate", description="LMGate: an allow-listing, usage-recording "
-                                     "gateway for OpenAI, Anthropic and Google LLM APIs.")
+                                     "gateway for OpenAI, Anthropic and Google LLM APIs.",
+                                     epilog="example: lmgate up    (then: lmgate COMMAND --help)")
+    parser.add_argument("--version", action="version", version=f"lmgate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", type=Path, default=None,
-                       help=f"YAML config (default: $LMGATE_CONFIG or {DEFAULT_CONFIG})")
+    def command(name: str, config: bool = True) -> argparse.ArgumentParser:
+        help_text, description, example = _COMMANDS[name]
+        p = sub.add_parser(name, help=help_text, description=description,
+                           epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if config:
+            p.add_argument("--config", type=Path, default=None,
+                           help=f"YAML config (default: $LMGATE_CONFIG or {DEFAULT_CONFIG})")
         return p
 
-    with_config(sub.add_parser("up", help="run nginx and the sidecar together in the foreground (local mode)"))
-    with_config(sub.add_parser("serve", help="run the sidecar alone (what the container runs)"))
-    with_config(sub.add_parser("nginx", help="render the config and run nginx alone in the foreground"))
-    render = with_config(sub.add_parser("render-nginx", help="write the nginx config"))
+    command("up")
+    command("serve")
+    command("nginx")
+    render = command("render-nginx")
     render.add_argument("--out", type=Path, required=True, help="file to write")
     render.add_argument("--runtime-dir", type=Path, default=None,
                         help="folder for nginx's pid and temp files (default: proxy.runtime_dir)")
-    sub.add_parser("hash-key", help="read an API key on stdin, print its sha256: form for the allow-list")
-    check = with_config(sub.add_parser("check-allowlist", help="validate the allow-list and print its size"))
+    command("hash-key", config=False)
+    check = command("check-allowlist")
     check.add_argument("path", nargs="?", type=Path, help="CSV file (default: auth.allowlist_path)")
     from lmgate.doctor import add_arguments as add_doctor_arguments
-    add_doctor_arguments(with_config(sub.add_parser(
-        "doctor", help="check that this deployment works end to end; one line per check, with the fix")))
-    report = with_config(sub.add_parser("report", help="usage and spend per owner, key, model and day"))
+    add_doctor_arguments(command("doctor"))
+    report = command("report")
+    export = command("export")
     try:
-        from lmgate.report import add_report_arguments
+        from lmgate.report import add_export_arguments, add_report_arguments
     except ImportError:  # the report module is optional for the gate itself
-        add_report_arguments = None
-    if add_report_arguments:
+        pass
+    else:
         add_report_arguments(report)
+        add_export_arguments(export)
     return parser
 
 
+# What each command reads of the config: a report must not fail on, say, an odd proxy setting.
+_SECTIONS = {"report": ("stats", "report", "logging"), "export": ("stats", "logging")}
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, sections=_SECTIONS.get(args.command))
     _setup_logging(settings.logging.level)
     return settings
 
@@ -94,6 +154,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from lmgate.report import run_report
         return run_report(args, settings.stats.output_path, settings.report.prices_path)
+    if args.command == "export":
+        from lmgate.report import run_export
+        return run_export(args, settings.stats.output_path)
     raise AssertionError(args.command)
 
 
@@ -102,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
     except (ConfigError, AllowListError, RenderError, StartError) as exc:
-        print(f"lmgate: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():     # a config's errors: one line each
+            print(f"lmgate: {line}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130

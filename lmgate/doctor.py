@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -55,36 +54,13 @@ def _problem(name: str, detail: str, fix: str) -> Check:
 
 # ---- config and nginx's config
 
-def _env_name(message: str, environ: dict[str, str]) -> str | None:
-    """The LMGATE_* variable a settings error is about, if it came from one."""
-    first = message.split(":", 1)[0]
-    if first.startswith("LMGATE_") and first in environ:
-        return first
-    for word in re.findall(r"\b([a-z_]+(?:\.[a-z_]+)+)\b", message):
-        name = "LMGATE_" + word.upper().replace(".", "__")
-        if name in environ:
-            return name
-    return None
-
-
 def check_config(config: Path | None) -> tuple[Check, Settings | None]:
-    """Settings stop at their first problem: a problem in an LMGATE_* variable is set aside and the
-    config loaded again, so that every such problem is named, up to the first one in the file."""
-    environ = dict(os.environ)
-    problems = []
-    for _ in range(50):
-        try:
-            settings = load_settings(config, environ)
-            break
-        except ConfigError as exc:
-            problems.append(str(exc))
-            name = _env_name(str(exc), environ)
-            if name is None:
-                break
-            del environ[name]
-    if problems:
-        return _problem("config", "; ".join(problems), "correct each key named (config/lmgate.yaml or its "
-                        "LMGATE_* variable), then run lmgate doctor again"), None
+    """Every problem of the file and of the LMGATE_* variables (lmgate.settings names them all)."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        return _problem("config", "; ".join(str(exc).splitlines()), "correct each key named (config/lmgate.yaml "
+                        "or its LMGATE_* variable), then run lmgate doctor again"), None
     return _ok("config", f"{settings.source} loads"), settings
 
 

@@ -37,6 +37,16 @@ RESOLVE_INTERVAL_SECONDS = 10
 RESTART_BACKOFF_SECONDS = (0.2, 0.5, 1, 2, 5)
 
 
+def client_url(host: str, port: int, scheme: str = "http") -> str:
+    """A URL a user can open: a wildcard listen address is not one, so say loopback and, for
+    other machines, the host's name."""
+    if host in ("0.0.0.0", "", "::", "[::]"):
+        return (f"{scheme}://127.0.0.1:{port}/<provider>/... (from other machines: "
+                f"{scheme}://{socket.gethostname()}:{port}/<provider>/...)")
+    where = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{where}:{port}/<provider>/..."
+
+
 class StartError(Exception):
     """LMGate cannot start; one line with the reason (and a hint)."""
 
@@ -253,9 +263,10 @@ class Up:
         try:
             self._start_sidecar()
             self.nginx.start()
-            log.info("LMGate is up: clients use %s://%s:%d/<provider>/... (sidecar %s:%d)",
-                     "https" if self.settings.proxy.tls_cert_path else "http",
-                     self.settings.proxy.host, self.settings.proxy.port, self.settings.server.host, self.settings.server.port)
+            log.info("LMGate is up: clients use %s; sidecar %s:%d",
+                     client_url(self.settings.proxy.host, self.settings.proxy.port,
+                                "https" if self.settings.proxy.tls_cert_path else "http"),
+                     self.settings.server.host, self.settings.server.port)
             return self._supervise()
         finally:
             self._stop()

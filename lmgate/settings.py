@@ -1,7 +1,15 @@
-"""The one settings object: config/lmgate.yaml, then LMGATE_<SECTION>__<KEY> environment overrides.
+"""The one settings object: defaults (below), then the YAML file, then LMGATE_<SECTION>__<KEY>.
 
-Every key must be present in the file and have the declared type; unknown keys are errors. The YAML
-file is the single place defaults live, so the dataclasses below declare types only.
+The defaults live here, as the dataclasses' field defaults; config/lmgate.yaml shows the same values
+with a comment each (a test keeps the two equal). A config file holds only what it changes. Unknown
+keys and wrong types are errors, all reported at once, one line each naming the file and key.
+
+Relative paths resolve against the folder of the config file in use, wherever they come from
+(defaults, the file, the environment) and whatever the working directory: the shipped
+config/lmgate.yaml says `../data/allowlist.csv`, i.e. data/ beside config/.
+
+Adding a key: a field with its default in the section's dataclass below, plus the same line with a
+comment in config/lmgate.yaml (DEVELOPMENT.md, "Adding a setting").
 """
 
 from __future__ import annotations
@@ -28,30 +36,30 @@ class ConfigError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ProxySettings:
-    host: str
-    port: int
-    max_body_size: str
-    max_header_size: str
-    upstream_connect_timeout_seconds: float
-    upstream_read_timeout_seconds: float
-    ca_bundle: Path
-    njs_module: str
-    nginx_binary: str
-    worker_processes: str
-    runtime_dir: Path
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_body_size: str = "100m"
+    max_header_size: str = "32k"
+    upstream_connect_timeout_seconds: float = 10.0
+    upstream_read_timeout_seconds: float = 600.0
+    ca_bundle: Path = Path("/etc/ssl/certs/ca-certificates.crt")
+    njs_module: str = "auto"
+    nginx_binary: str = "auto"
+    worker_processes: str = "auto"
+    runtime_dir: Path = Path("../run")
     # "" = TLS off (a path is a string here because empty means off).
-    tls_cert_path: str
-    tls_key_path: str
+    tls_cert_path: str = ""
+    tls_key_path: str = ""
     # 0 = no plain-HTTP port beside TLS.
-    http_port: int
+    http_port: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
-    host: str
-    port: int
-    advertise_host: str
-    auth_timeout_ms: int
+    host: str = "127.0.0.1"
+    port: int = 8081
+    advertise_host: str = ""
+    auth_timeout_ms: int = 1000
 
     @property
     def reachable_host(self) -> str:
@@ -63,20 +71,20 @@ class ServerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class AuthSettings:
-    allowlist_path: Path
-    poll_interval_seconds: float
-    cache_seconds: int
+    allowlist_path: Path = Path("../data/allowlist.csv")
+    poll_interval_seconds: float = 30.0
+    cache_seconds: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class StatsSettings:
-    output_path: Path
-    flush_interval_seconds: float
-    rotate_bytes: int
-    capture_head_bytes: int
-    capture_tail_bytes: int
-    spool_dir: Path
-    ensure_stream_usage: bool
+    output_path: Path = Path("../data/stats.jsonl")
+    flush_interval_seconds: float = 10.0
+    rotate_bytes: int = 100_000_000
+    capture_head_bytes: int = 16384
+    capture_tail_bytes: int = 65536
+    spool_dir: Path = Path("../data/spool")
+    ensure_stream_usage: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,25 +92,38 @@ class ProviderSettings:
     upstream: str
 
 
+# The providers' upstreams by default (the set of providers itself is lmgate/providers.py's).
+DEFAULT_UPSTREAMS = {
+    "openai": "https://api.openai.com",
+    "anthropic": "https://api.anthropic.com",
+    "google": "https://aiplatform.googleapis.com",
+    "gemini": "https://generativelanguage.googleapis.com",
+}
+
+
+def _default_providers() -> dict[str, ProviderSettings]:
+    return {name: ProviderSettings(url) for name, url in DEFAULT_UPSTREAMS.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class ReportSettings:
-    prices_path: Path
+    prices_path: Path = Path("prices.yaml")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoggingSettings:
-    level: str
+    level: str = "info"
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    proxy: ProxySettings
-    server: ServerSettings
-    auth: AuthSettings
-    stats: StatsSettings
-    providers: dict[str, ProviderSettings]
-    report: ReportSettings
-    logging: LoggingSettings
+    proxy: ProxySettings = ProxySettings()
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    stats: StatsSettings = StatsSettings()
+    providers: dict[str, ProviderSettings] = dataclasses.field(default_factory=_default_providers)
+    report: ReportSettings = ReportSettings()
+    logging: LoggingSettings = LoggingSettings()
     source: Path = Path("<defaults>")
 
 
@@ -113,8 +134,37 @@ def size_bytes(text: str) -> int:
     return int(text[:-1] if factor != 1 else text) * factor
 
 
-def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the YAML file, apply environment overrides, validate; raise ConfigError on any problem."""
+def defaults() -> dict[str, Any]:
+    """The defaults as the nested mapping a config file holds."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+    raw = dataclasses.asdict(Settings())
+    raw.pop("source")
+    return plain(raw)
+
+
+class _Errors(list):
+    """Problems found so far, each one line naming the file (or variable) and key; `sections`
+    holds the top-level section each one is about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+
+    def fail(self, message: str, key: str) -> None:
+        self.append(message)
+        self.sections.append(key.split(".")[0])
+
+
+def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | None = None,
+                  sections: tuple[str, ...] | None = None) -> Settings:
+    """Defaults, the YAML file, the environment; validated. A ConfigError lists every problem, one
+    line each. With `sections`, only those sections are checked (the others keep their defaults
+    when broken): `lmgate report` needs stats and report only."""
     path = Path(path) if path else Path(os.environ.get("LMGATE_CONFIG", DEFAULT_CONFIG))
     environ = os.environ if environ is None else environ
     try:
@@ -135,15 +185,43 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
             where = ""
         reason = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
         raise ConfigError(f"{path}:{where} invalid YAML: {' '.join(str(reason).split())}") from None
+    if raw is None:
+        raw = {}                         # an empty file: the defaults
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    _apply_env(raw, environ, path)
-    settings = _build(Settings, raw, path, "")
-    _validate(settings, path)
-    return dataclasses.replace(settings, source=path)
+    errors = _Errors()
+    merged = defaults()
+    _merge(merged, raw, path, "", errors)
+    _apply_env(merged, environ, errors)
+    if sections is not None:
+        errors[:] = [e for e, section in zip(errors, errors.sections, strict=True) if section in sections]
+        keep = defaults()
+        merged = {k: (merged[k] if k in sections else keep[k]) for k in keep}
+    settings = _build(Settings, merged, path, "", errors)
+    _validate(settings, path, errors, sections)
+    if errors:
+        raise ConfigError("\n".join(dict.fromkeys(errors)))
+    return _resolve_paths(dataclasses.replace(settings, source=path), path.parent)
 
 
-def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], path: Path) -> None:
+def _merge(base: dict[str, Any], raw: dict[Any, Any], path: Path, prefix: str, errors: _Errors) -> None:
+    """The file's values over the defaults; a key the defaults lack is unknown."""
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if prefix == "providers." and isinstance(key, str) and key not in base and key not in PROVIDERS:
+            errors.fail(f"{path}: unknown provider providers.{key} (known: {', '.join(PROVIDERS)})", name)
+        elif key not in base:
+            errors.fail(f"{path}: unknown config key {name}", name)
+        elif isinstance(base[key], dict):
+            if isinstance(value, dict):
+                _merge(base[key], value, path, name + ".", errors)
+            elif value is not None:      # `section:` left empty keeps the defaults
+                errors.fail(f"{path}: {name} must be a mapping", name)
+        else:
+            base[key] = value
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], errors: _Errors) -> None:
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name or name == "LMGATE_CONFIG":
             continue
@@ -152,10 +230,12 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], path: Path) -> N
         for key in keys[:-1]:
             child = node.get(key)
             if not isinstance(child, dict):
-                raise ConfigError(f"{name}: unknown config key {'.'.join(keys)} (not in {path})")
+                node = None
+                break
             node = child
-        if keys[-1] not in node:
-            raise ConfigError(f"{name}: unknown config key {'.'.join(keys)} (not in {path})")
+        if node is None or keys[-1] not in node or isinstance(node[keys[-1]], dict):
+            errors.fail(f"{name}: unknown config key {'.'.join(keys)}", ".".join(keys))
+            continue
         # Strings from the environment are coerced later against the declared type.
         node[keys[-1]] = _EnvString(value)
 
@@ -164,32 +244,50 @@ class _EnvString(str):
     """A value that came from the environment: coerced to the key's type instead of type-checked."""
 
 
-def _build(cls: type, raw: Any, path: Path, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+def _build(cls: type, raw: Any, path: Path, prefix: str, errors: _Errors) -> Any:
+    """The dataclass from `raw`; a field that fails is noted in `errors` and keeps its default,
+    so that the checks after still run and every problem is reported at once."""
     hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if f.name != "source"]
-    unknown = set(raw) - {f.name for f in fields}
-    if unknown:
-        raise ConfigError(f"{path}: unknown config key {prefix}{sorted(map(str, unknown))[0]}")
     values = {}
-    for field in fields:
-        key = prefix + field.name
-        if field.name not in raw:
-            raise ConfigError(f"{path}: missing config key {key}")
-        values[field.name] = _convert(hints[field.name], raw[field.name], path, key)
+    for field in dataclasses.fields(cls):
+        if field.name == "source":
+            continue
+        try:
+            value = _convert(hints[field.name], raw[field.name], path, prefix + field.name, errors)
+        except ConfigError as exc:
+            errors.fail(str(exc), prefix + field.name)
+            value = None
+        if value is None:
+            if field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            elif field.default is not dataclasses.MISSING:
+                value = field.default
+            else:
+                return None             # no default (a provider's upstream): the caller's
+        values[field.name] = value
     return cls(**values)
 
 
-def _convert(hint: Any, value: Any, path: Path, key: str) -> Any:
+def _convert(hint: Any, value: Any, path: Path, key: str, errors: _Errors) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, key + ".")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key} must be a mapping")
+        return _build(hint, value, path, key + ".", errors)
     if typing.get_origin(hint) is dict:
         _, item_type = typing.get_args(hint)
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: {key} must be a mapping")
-        return {str(k): _convert(item_type, v, path, f"{key}.{k}") for k, v in value.items()}
+        items = {str(k): _convert(item_type, v, path, f"{key}.{k}", errors) for k, v in value.items()}
+        return None if any(v is None for v in items.values()) else items   # None: the default
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:      # `X | None`: null (or "" from the environment)
+        if value is None or (isinstance(value, _EnvString) and not value.strip()):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    where = path
     from_env = isinstance(value, _EnvString)
+    if from_env:
+        where = f"{ENV_PREFIX}{key.upper().replace('.', '__')}"
     try:
         if hint is bool:
             if from_env:
@@ -221,7 +319,7 @@ def _convert(hint: Any, value: Any, path: Path, key: str) -> Any:
                 return Path(value)
             raise ValueError
     except ValueError:
-        raise ConfigError(f"{path}: {key} must be {_type_name(hint)}, got {str(value)!r}") from None
+        raise ConfigError(f"{where}: {key} must be {_type_name(hint)}, got {str(value)!r}") from None
     raise ConfigError(f"{path}: {key} has an unsupported type {hint}")  # a bug in this module
 
 
@@ -230,10 +328,26 @@ def _type_name(hint: Any) -> str:
             Path: "a non-empty path"}.get(hint, str(hint))
 
 
-def _validate(s: Settings, path: Path) -> None:
+def _resolve_paths(settings: Any, folder: Path) -> Any:
+    """Every relative Path field joined to `folder` (normalised: config/../data is data)."""
+    if isinstance(settings, Path):
+        return settings if settings.is_absolute() else Path(os.path.normpath(folder / settings))
+    if isinstance(settings, dict):
+        return {k: _resolve_paths(v, folder) for k, v in settings.items()}
+    if dataclasses.is_dataclass(settings):
+        changes = {f.name: _resolve_paths(getattr(settings, f.name), folder)
+                   for f in dataclasses.fields(settings) if f.name != "source"}
+        return dataclasses.replace(settings, **changes)
+    return settings
+
+
+def _validate(s: Settings, path: Path, errors: _Errors, sections: tuple[str, ...] | None) -> None:
+    def wanted(key: str) -> bool:
+        return sections is None or key.split(".")[0] in sections
+
     for key, port in (("proxy.port", s.proxy.port), ("server.port", s.server.port)):
-        if not 1 <= port <= 65535:
-            raise ConfigError(f"{path}: {key} must be between 1 and 65535, got {port}")
+        if wanted(key) and not 1 <= port <= 65535:
+            errors.fail(f"{path}: {key} must be between 1 and 65535, got {port}", key)
     positive = {
         "auth.poll_interval_seconds": s.auth.poll_interval_seconds,
         "stats.flush_interval_seconds": s.stats.flush_interval_seconds,
@@ -244,37 +358,35 @@ def _validate(s: Settings, path: Path) -> None:
         "proxy.upstream_connect_timeout_seconds": s.proxy.upstream_connect_timeout_seconds,
         "proxy.upstream_read_timeout_seconds": s.proxy.upstream_read_timeout_seconds,
     }
-    if bool(s.proxy.tls_cert_path) != bool(s.proxy.tls_key_path):
-        raise ConfigError(f"{path}: proxy.tls_cert_path and proxy.tls_key_path must be set together "
-                          f"(both empty = TLS off)")
-    if s.proxy.http_port:
+    if wanted("proxy") and bool(s.proxy.tls_cert_path) != bool(s.proxy.tls_key_path):
+        errors.fail(f"{path}: proxy.tls_cert_path and proxy.tls_key_path must be set together "
+                    f"(both empty = TLS off)", "proxy")
+    if wanted("proxy") and s.proxy.http_port:
         if not s.proxy.tls_cert_path:
-            raise ConfigError(f"{path}: proxy.http_port is a plain-HTTP port beside TLS; set proxy.tls_cert_path "
-                              f"and proxy.tls_key_path, or set it to 0 (proxy.port already speaks plain HTTP)")
-        if not 1 <= s.proxy.http_port <= 65535 or s.proxy.http_port in (s.proxy.port, s.server.port):
-            raise ConfigError(f"{path}: proxy.http_port must be 0 (off) or a port between 1 and 65535 other than "
-                              f"proxy.port and server.port, got {s.proxy.http_port}")
+            errors.fail(f"{path}: proxy.http_port is a plain-HTTP port beside TLS; set proxy.tls_cert_path "
+                        f"and proxy.tls_key_path, or set it to 0 (proxy.port already speaks plain HTTP)", "proxy")
+        elif not 1 <= s.proxy.http_port <= 65535 or s.proxy.http_port in (s.proxy.port, s.server.port):
+            errors.fail(f"{path}: proxy.http_port must be 0 (off) or a port between 1 and 65535 other than "
+                        f"proxy.port and server.port, got {s.proxy.http_port}", "proxy")
     for key, value in positive.items():
-        if not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{path}: {key} must be greater than 0, got {value}")
-    if s.auth.cache_seconds < 0:
-        raise ConfigError(f"{path}: auth.cache_seconds must be 0 or more, got {s.auth.cache_seconds}")
+        if wanted(key) and (not math.isfinite(value) or value <= 0):
+            errors.fail(f"{path}: {key} must be greater than 0, got {value}", key)
+    if wanted("auth") and s.auth.cache_seconds < 0:
+        errors.fail(f"{path}: auth.cache_seconds must be 0 or more, got {s.auth.cache_seconds}", "auth")
     for key, size in (("proxy.max_body_size", s.proxy.max_body_size),
                       ("proxy.max_header_size", s.proxy.max_header_size)):
         try:
             size_bytes(size)
         except ValueError:
-            raise ConfigError(f"{path}: {key} must be an nginx size like 512, 32k or 100m, got {size!r}") from None
-    if s.logging.level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"{path}: logging.level must be debug, info, warning or error, got {s.logging.level!r}")
+            if wanted(key):
+                errors.fail(f"{path}: {key} must be an nginx size like 512, 32k or 100m, got {size!r}", key)
+    if wanted("logging") and s.logging.level.lower() not in ("debug", "info", "warning", "error"):
+        errors.fail(f"{path}: logging.level must be debug, info, warning or error, got {s.logging.level!r}",
+                    "logging")
+    if not wanted("providers"):
+        return
     for name, provider in s.providers.items():
-        if name not in PROVIDERS:
-            raise ConfigError(f"{path}: unknown provider providers.{name} (known: {', '.join(PROVIDERS)})")
         url = urlsplit(provider.upstream)
         if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
-            raise ConfigError(f"{path}: providers.{name}.upstream must be an http(s) URL without query, "
-                              f"got {provider.upstream!r}")
-    missing = [name for name in PROVIDERS if name not in s.providers]
-    if missing:
-        raise ConfigError(f"{path}: missing config key providers.{missing[0]}")
-
+            errors.fail(f"{path}: providers.{name}.upstream must be an http(s) URL without query, "
+                        f"got {provider.upstream!r}", "providers")

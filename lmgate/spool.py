@@ -26,19 +26,14 @@ log = logging.getLogger("lmgate.spool")
 SPOOL_PREFIX = "calls-"
 SPOOL_SUFFIX = ".jsonl"
 SLOT_SECONDS = 1    # nginx.conf.template's $lmgate_spool_slot: $msec without its fraction
-# A slot's file is finished this long after the slot began: nginx writes to it only during its
-# second (its clock may lag by an event loop's turn), and closes it a second after its last line
-# (open_log_file_cache inactive=1s in nginx.conf.template), before it is deleted here: whoever
-# closes a deleted file last frees its pages (up to 100 MB a second under load), and nginx's
-# event loop stalled 4-14 ms doing so when it still held it. Short, so that spool files are
-# deleted before the kernel writes them out to disk: at 100 MB/s of captures, 10-second slots
-# let dirty pages pile up to the writeback threshold and nginx's writes stalled for up to 200 ms.
+# A slot's file is finished this long after the slot began: after nginx has closed it (1 s after
+# its last line), and soon enough that it is deleted before the kernel writes it to disk
+# (docs/performance-history.md, "Notes moved from code comments").
 DONE_AFTER_SECONDS = SLOT_SECONDS + 3
 CHECKPOINT_NAME = ".checkpoint.json"
 STATS_MARK = "stats"  # the checkpoint's entry for the stats file; never a spool file's name
-# Bytes asked of each read. Below glibc's threshold for serving an allocation with fresh mmap'ed
-# pages (128 KiB): Python allocates the whole size for every read, and reading a backlog in 1 MiB
-# reads cost ~1.4 us more per line in page faults and copies (100 000 plain lines: 2.2 -> 0.8 us).
+# Bytes asked of each read: below glibc's 128 KiB mmap threshold, as every read allocates the
+# whole size (docs/performance-history.md, "Notes moved from code comments").
 READ_BYTES = 1 << 16
 
 

@@ -27,7 +27,7 @@ CAPTURE_TRUNCATED = "capture_truncated"
 STREAM_ERROR = "stream_error"
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1.5 us more to build, once per call
+@dataclass(slots=True)  # not frozen: slower to build, once per call (docs/performance-history.md)
 class Usage:
     model: str | None = None
     input_tokens: int | None = None

@@ -23,10 +23,8 @@ log = logging.getLogger("lmgate.stats")
 
 # Bound on records held while the disk refuses writes; past it the oldest are dropped and counted.
 MAX_BUFFERED_RECORDS = 1_000_000
-# Buffered bytes past which a flush is due before its interval. Under load, records then reach the
-# disk in pieces of about this size, not all at once: with the shipped 10 s interval at 16 000
-# calls/s, one write of ~50 MB (lmgate.app's 100 000 pending records) and the deletion of the ten
-# spool files behind it stalled nginx on the same core for up to 300 ms (docs/performance.md).
+# Buffered bytes past which a flush is due before its interval: under load, records reach the disk
+# in pieces of this size, as one big write stalled nginx (docs/performance-history.md).
 FLUSH_BYTES = 1 << 20
 
 
@@ -56,9 +54,8 @@ class StatsWriter:
 
     def add(self, record: dict[str, Any]) -> None:
         try:
-            # Not OPT_APPEND_NEWLINE: orjson's result keeps its 4 KiB output buffer (tracemalloc: 4 098
-            # bytes for a 440-byte record), and the concatenation makes a right-sized copy. Holding a
-            # second's records in 4 KiB pieces cost ~3.5 us more per record.
+            # Not OPT_APPEND_NEWLINE: its result keeps orjson's 4 KiB buffer; the concatenation
+            # makes a right-sized copy (docs/performance-history.md).
             line = orjson.dumps(record) + b"\n"
         except TypeError:
             # A lone surrogate (from a malformed body) becomes a \udXXX escape: still valid JSON.

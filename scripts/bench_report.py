@@ -4,12 +4,12 @@
 Writes N records (default 1,000,000) with the sidecar's own StatsWriter into a temporary folder, so
 the format and the rotation (a few rotated files plus the current one) are the real ones, then runs
 the report in a fresh Python process and prints records per second and the peak memory (ru_maxrss)
-of the report process and of its largest worker. It also checks that the report counted every
-generated request once.
+of the report process (DuckDB reads with one thread per CPU, in that process). It also checks that
+the report counted every generated request once.
 
-    scripts/bench_report.py                      # 1M records, all CPUs
+    scripts/bench_report.py                      # 1M records
     scripts/bench_report.py --records 20000      # quick
-    scripts/bench_report.py --workers 1          # one process
+    scripts/bench_report.py --threads 1          # DuckDB on one thread
     scripts/bench_report.py --keep /tmp/bench --repeat 5   # keep the data, best of 5 runs
 """
 
@@ -47,7 +47,7 @@ MODELS = [
     ("gemini", "google", "gemini-2.5-flash", "/gemini/v1beta/models/gemini-2.5-flash:generateContent", 10),
     ("gemini", "google", "gemini-2.0-flash", "/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent", 4),
     ("gemini", "google", "gemini-3-flash-preview",
-     "/gemini/v1beta/models/gemini-3-flash-preview:generateContent", 1),   # not in prices.yaml
+     "/gemini/v1beta/models/gemini-3-flash-preview:generateContent", 1),
 ]
 # (error_type, status, weight): None = a normal successful call
 OUTCOMES = [(None, 200, 915), ("forbidden", 403, 30), ("gate_unavailable", 403, 5),
@@ -137,16 +137,18 @@ def generate(folder: Path, n: int, seed: int = 7) -> tuple[Path, int]:
 
 
 _RUNNER = r"""
-import argparse, io, json, resource, sys, time
+import argparse, io, json, os, resource, sys, time
 from pathlib import Path
-import lmgate.report.scan as scan
+import lmgate.report.query as query
 from lmgate.report import add_report_arguments, run_report
-stats, prices, workers, fmt, by = sys.argv[1:6]
-if workers != "auto":
-    scan.available_cpus = lambda: int(workers)
-folder = Path(stats).parent
-size = sum(p.stat().st_size for p in folder.glob(Path(stats).stem + "*" + Path(stats).suffix))
-used = scan.available_cpus() if size >= scan.PARALLEL_MIN_BYTES else 1
+stats, prices, threads, fmt, by = sys.argv[1:6]
+if threads != "auto":
+    connect = query.connect
+    def with_threads():
+        con = connect()
+        con.execute(f"SET threads = {int(threads)}")
+        return con
+    query.connect = with_threads
 parser = argparse.ArgumentParser()
 add_report_arguments(parser)
 args = parser.parse_args(["--format", fmt, "--by", by])
@@ -155,16 +157,15 @@ started = time.perf_counter()
 code = run_report(args, Path(stats), Path(prices), out)
 seconds = time.perf_counter() - started
 print(json.dumps({"code": code, "seconds": seconds, "output": out.getvalue(),
-                  "workers": used,
-                  "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                  "threads": int(threads) if threads != "auto" else len(os.sched_getaffinity(0)),
+                  "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def run_report_process(stats: Path, workers: str, fmt: str, by: str) -> dict:
+def run_report_process(stats: Path, threads: str, fmt: str, by: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", _RUNNER, str(stats), str(REPO / "config" / "prices.yaml"),
-                           workers, fmt, by], capture_output=True, text=True, env=env, cwd=REPO)
+                           threads, fmt, by], capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode != 0:
         sys.exit(f"report process failed ({done.returncode}):\n{done.stderr}")
     return json.loads(done.stdout)
@@ -173,7 +174,7 @@ def run_report_process(stats: Path, workers: str, fmt: str, by: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=1_000_000, help="records to generate (default 1,000,000)")
-    parser.add_argument("--workers", default="auto", help="report processes (default: one per CPU)")
+    parser.add_argument("--threads", default="auto", help="DuckDB threads (default: one per CPU)")
     parser.add_argument("--by", default="owner,provider,model", help="--by of the report")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the report this many times; the best and the median are shown")
@@ -200,19 +201,18 @@ def main() -> None:
         print(f"{verb} {n:,} records in {len(files)} files ({len(files) - 1} rotated), "
               f"{size / 1e6:,.1f} MB, in {time.perf_counter() - started:.1f} s")
 
-        runs = [run_report_process(stats, args.workers, "table", args.by)
+        runs = [run_report_process(stats, args.threads, "table", args.by)
                 for _ in range(max(args.repeat, 1))]
         seconds = sorted(r["seconds"] for r in runs)
         best, median = seconds[0], seconds[len(seconds) // 2]
-        workers = runs[0]["workers"]
-        print(f"report (table, --by {args.by}, {workers} process{'es' if workers > 1 else ''}): "
+        threads = runs[0]["threads"]
+        print(f"report (table, --by {args.by}, {threads} thread{'s' if threads > 1 else ''}): "
               f"{best:.2f} s, {n / best:,.0f} records/s"
               + (f" (best of {len(runs)}; median {median:.2f} s, {n / median:,.0f} records/s)"
                  if len(runs) > 1 else ""))
-        print(f"peak memory (ru_maxrss): report process {max(r['self_mb'] for r in runs):.1f} MB, "
-              f"largest worker {max(r['children_mb'] for r in runs):.1f} MB")
+        print(f"peak memory (ru_maxrss): report process {max(r['self_mb'] for r in runs):.1f} MB")
 
-        check = run_report_process(stats, args.workers, "json", "provider")
+        check = run_report_process(stats, args.threads, "json", "provider")
         counted = sum(row["requests"] for row in json.loads(check["output"]))
         status = "ok" if counted == n else f"MISMATCH: the report counted {counted:,}"
         print(f"check: {counted:,} requests counted for {n:,} records written: {status}")

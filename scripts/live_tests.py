@@ -159,7 +159,7 @@ def _vertex_key() -> str | None:
         try:
             return _adc()[1]
         except Exception as exc:  # no credentials: reported as the reason to skip
-            raise LookupError(f"GOOGLE_CLOUD_PROJECT is set but no application default credentials: {exc}")
+            raise LookupError(f"GOOGLE_CLOUD_PROJECT is set but no application default credentials: {exc}") from None
     return None
 
 

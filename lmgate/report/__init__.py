@@ -1,9 +1,10 @@
-"""`lmgate report`: usage and spend per owner, key, model and day, from the stats JSON Lines files.
+"""`lmgate report` and `lmgate export`: usage and spend from the stats JSON Lines files.
 
-scan.py reads the files (fast, constant memory), prices.py knows the price file and the token
-semantics of each API format, output.py makes the rows and prints them, command.py is the CLI.
+query.py reads the files with DuckDB (the `records` view, malformed lines), prices.py knows the
+price sources (genai-prices, the override file), summary.py groups and prices, output.py prints
+the rows, command.py is the CLI.
 """
 
-from lmgate.report.command import add_report_arguments, run_report
+from lmgate.report.command import add_export_arguments, add_report_arguments, run_export, run_report
 
-__all__ = ["add_report_arguments", "run_report"]
+__all__ = ["add_export_arguments", "add_report_arguments", "run_export", "run_report"]

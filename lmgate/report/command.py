@@ -1,17 +1,23 @@
-"""`lmgate report`: arguments, and the run from the stats files to the printed report."""
+"""`lmgate report` and `lmgate export`: arguments, and the run from the stats files to the output."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
+import json
 import re
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
 
-from lmgate.report.output import build, notes, write_csv, write_json, write_table
-from lmgate.report.prices import PriceError, load_prices
-from lmgate.report.scan import GROUP_FIELDS, Scanner, ts_bound
+import duckdb
+
+from lmgate.report.output import notes, write_csv, write_json, write_table
+from lmgate.report.prices import PriceError, Pricer, load_prices
+from lmgate.report.query import GROUP_FIELDS, RECORD_FIELDS, Records, open_records, ts_bound
+from lmgate.report.summary import summarize
 
 DEFAULT_BY = "owner,provider,model"
 FORMATS = ("table", "csv", "json")
@@ -27,7 +33,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+def add_window_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--since", metavar="DATE|DURATION",
         help="first moment counted: 2026-11-01 (start of that day, UTC), 2026-11-01T12:00:00Z, "
@@ -36,13 +42,27 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "--until", metavar="DATE",
         help="end of the window, exclusive: 2026-11-02 counts up to the end of 2026-11-01 UTC; "
              "also a date-time or a duration before now (default: now)")
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    add_window_arguments(parser)
     parser.add_argument(
         "--by", metavar="FIELDS", default=DEFAULT_BY,
         help=f"comma list of {', '.join(GROUP_FIELDS)} (default: {DEFAULT_BY})")
     parser.add_argument("--format", choices=FORMATS, default="table",
                         help="table (80 columns), csv or json (default: table)")
     parser.add_argument("--prices", type=Path, metavar="PATH",
-                        help="price file (default: report.prices_path in the config)")
+                        help="price overrides (default: report.prices_path in the config)")
+    parser.add_argument("--sql", metavar="QUERY",
+                        help="run this SQL (DuckDB) over the view `records` (one row per valid "
+                             f"record in the window: {', '.join(RECORD_FIELDS)}) and print its "
+                             "result instead of the report")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    add_window_arguments(parser)
+    parser.add_argument("--parquet", type=Path, metavar="FILE", required=True,
+                        help="write the valid records of the window to this Parquet file")
 
 
 def parse_by(text: str) -> tuple[str, ...]:
@@ -91,47 +111,77 @@ def _window(since: dt.datetime | None, until: dt.datetime | None) -> str:
     return f"Window: {start} to {end}."
 
 
+def _report_malformed(records: Records, err: TextIO) -> None:
+    if records.bad_count:
+        print(f"lmgate report: skipped {records.bad_count:,} malformed "
+              f"line{'s' if records.bad_count != 1 else ''}:", file=err)
+        for path, lineno, reason in records.bad_samples:
+            print(f"  {path}:{lineno}: {reason}", file=err)
+        if records.bad_count > len(records.bad_samples):
+            print(f"  ... and {records.bad_count - len(records.bad_samples):,} more", file=err)
+
+
+def _open(stats_path: Path, since: dt.datetime | None, until: dt.datetime | None,
+          err: TextIO, command: str = "report") -> Records | None:
+    stats_path = Path(stats_path)
+    try:
+        records = open_records(stats_path, since=ts_bound(since) if since else None,
+                               until=ts_bound(until) if until else None)
+    except OSError as exc:
+        print(f"lmgate {command}: cannot read {exc.filename or stats_path}: {exc.strerror or exc}",
+              file=err)
+        return None
+    if not records.found:
+        print(f"lmgate {command}: no stats yet: {stats_path} does not exist and there are no "
+              "rotated files beside it; the report is empty", file=err)
+    return records
+
+
+def _duckdb_error(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _window_args(args: argparse.Namespace, now: dt.datetime) -> tuple[dt.datetime | None, dt.datetime | None]:
+    since = parse_when(getattr(args, "since", None), "--since", now)
+    until = parse_when(getattr(args, "until", None), "--until", now)
+    if since and until and ts_bound(since) >= ts_bound(until):
+        raise UsageError(f"--since ({ts_bound(since)}Z) is not before --until ({ts_bound(until)}Z)")
+    return since, until
+
+
 def run_report(args: argparse.Namespace, stats_path: Path, prices_path: Path,
-               out: TextIO = sys.stdout) -> int:
+               out: TextIO | None = None) -> int:
     """Print the report of `stats_path` and its rotated files; 0, or 2 on a bad argument/file."""
+    out = out or sys.stdout
     err = sys.stderr
     now = _now()
+    sql = getattr(args, "sql", None)
     try:
         by_text = getattr(args, "by", None)
         by = parse_by(DEFAULT_BY if by_text is None else by_text)
-        since = parse_when(getattr(args, "since", None), "--since", now)
-        until = parse_when(getattr(args, "until", None), "--until", now)
-        if since and until and ts_bound(since) >= ts_bound(until):
-            raise UsageError(f"--since ({ts_bound(since)}Z) is not before --until ({ts_bound(until)}Z)")
+        since, until = _window_args(args, now)
         fmt = getattr(args, "format", None) or "table"
         if fmt not in FORMATS:
             raise UsageError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
-        prices = load_prices(Path(getattr(args, "prices", None) or prices_path))
+        overrides = None if sql else load_prices(Path(getattr(args, "prices", None) or prices_path))
     except (UsageError, PriceError) as exc:
         print(f"lmgate report: {exc}", file=err)
         return 2
 
-    scanner = Scanner(by, since=ts_bound(since) if since else None,
-                      until=ts_bound(until) if until else None)
-    stats_path = Path(stats_path)
-    try:
-        found = scanner.scan(stats_path)
-    except OSError as exc:
-        print(f"lmgate report: cannot read {exc.filename or stats_path}: {exc.strerror or exc}",
-              file=err)
+    records = _open(stats_path, since, until, err)
+    if records is None:
         return 2
-    if not found:
-        print(f"lmgate report: no stats yet: {stats_path} does not exist and there are no "
-              "rotated files beside it; the report is empty", file=err)
-    if scanner.bad_count:
-        print(f"lmgate report: skipped {scanner.bad_count:,} malformed "
-              f"line{'s' if scanner.bad_count != 1 else ''}:", file=err)
-        for path, lineno, reason in scanner.bad_samples:
-            print(f"  {path}:{lineno}: {reason}", file=err)
-        if scanner.bad_count > len(scanner.bad_samples):
-            print(f"  ... and {scanner.bad_count - len(scanner.bad_samples):,} more", file=err)
-
-    report = build(scanner.sums, by, prices, _window(since, until))
+    with records:
+        try:
+            if sql:
+                records.check()
+                _report_malformed(records, err)
+                return _run_sql(records, sql, fmt, out, err)
+            report = summarize(records, by, Pricer(overrides), _window(since, until))
+            _report_malformed(records, err)
+        except duckdb.IOException as exc:
+            print(f"lmgate report: cannot read the stats files: {_duckdb_error(exc)}", file=err)
+            return 2
     if fmt == "table":
         write_table(report, out)
     else:
@@ -140,3 +190,69 @@ def run_report(args: argparse.Namespace, stats_path: Path, prices_path: Path,
             print(f"lmgate report: {line}", file=err)
     out.flush()
     return 0
+
+
+def _run_sql(records: Records, sql: str, fmt: str, out: TextIO, err: TextIO) -> int:
+    try:
+        cursor = records.con.execute(sql)
+        names = [d[0] for d in cursor.description or ()]
+        rows = cursor.fetchall() if names else []
+    except duckdb.IOException:
+        raise
+    except duckdb.Error as exc:
+        print(f"lmgate report: --sql: {_duckdb_error(exc)}", file=err)
+        return 2
+    if fmt == "json":
+        objects = [dict(zip(names, row, strict=True)) for row in rows]
+        out.write(json.dumps(objects, indent=2, ensure_ascii=False, default=_json_value) + "\n")
+    elif fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(names)
+        writer.writerows([["" if v is None else _json_value(v) for v in row] for row in rows])
+    else:
+        cells = [names] + [["" if v is None else str(_json_value(v)) for v in row] for row in rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(names))]
+        for row in cells:
+            out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    out.flush()
+    return 0
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    if isinstance(value, (dt.date, dt.time, Decimal)):
+        return str(value) if not isinstance(value, Decimal) else float(value)
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def run_export(args: argparse.Namespace, stats_path: Path) -> int:
+    """`lmgate export --parquet FILE`: the valid records of the window as Parquet."""
+    err = sys.stderr
+    try:
+        since, until = _window_args(args, _now())
+    except UsageError as exc:
+        print(f"lmgate export: {exc}", file=err)
+        return 2
+    target = Path(args.parquet)
+    records = _open(stats_path, since, until, err, "export")
+    if records is None:
+        return 2
+    with records:
+        try:
+            records.check()
+            _report_malformed(records, err)
+            count = records.con.execute("SELECT count(*) FROM records").fetchone()[0]
+            records.con.execute(f"COPY (SELECT * FROM records) TO {_sql_path(target)} "
+                                "(FORMAT parquet, COMPRESSION zstd)")
+        except duckdb.IOException as exc:
+            print(f"lmgate export: {_duckdb_error(exc)}", file=err)
+            return 2
+    print(f"lmgate export: wrote {count:,} records to {target}", file=err)
+    return 0
+
+
+def _sql_path(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"

@@ -1,4 +1,4 @@
-"""From the scanner's sums to report rows, and the rows as a table, CSV or JSON."""
+"""Report rows, and the rows as a table, CSV or JSON."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from lmgate.report.prices import PriceTable, billable, cost, price_list, token_format
+from lmgate.report.prices import GENAI, Pricer, genai_version
 
 # error_type values: a denied call never reached the provider; these two are successful calls
 # whose counts are missing (a request, not an error).
@@ -17,6 +17,8 @@ NO_USAGE = frozenset({"usage_missing", "capture_truncated"})
 
 COUNTERS = ("requests", "denied", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
             "cache_write_tokens", "reasoning_tokens", "cost_usd")
+# Then, in CSV and JSON: who priced the row's usage (genai-prices and/or the price file).
+SOURCE = "price_source"
 WIDTH = 80
 
 
@@ -34,10 +36,15 @@ class Row:
     cost: float = 0.0          # of the priced usage
     priced: bool = False       # some usage has a price
     unpriced: bool = False     # some usage has none: the cost is not known
+    sources: tuple[str, ...] = ()   # who priced the priced usage
 
     @property
     def cost_usd(self) -> float | None:
         return None if self.unpriced else round(self.cost, 6)
+
+    @property
+    def price_source(self) -> str:
+        return "+".join(self.sources)
 
     def add(self, other: Row) -> None:
         for name in COUNTERS[:-1]:
@@ -45,6 +52,7 @@ class Row:
         self.cost += other.cost
         self.priced |= other.priced
         self.unpriced |= other.unpriced
+        self.sources = tuple(sorted(set(self.sources) | set(other.sources)))
 
 
 @dataclass
@@ -54,68 +62,17 @@ class Report:
     total: Row
     unpriced: dict[str, int] = field(default_factory=dict)   # "model (price list)" -> requests
     no_usage: int = 0          # successful calls without token counts
-    prices: PriceTable | None = None
+    pricer: Pricer | None = None
     window: str = ""           # the time window, in words ("" for all records)
-
-
-def build(sums: dict[tuple, list[int]], by: tuple[str, ...], prices: PriceTable,
-          window: str = "") -> Report:
-    """Roll the scanner's sums (key = by values + provider, api_format, model, error_type) up to
-    one row per group, priced."""
-    rows: dict[tuple, Row] = {}
-    unpriced: dict[str, int] = {}
-    no_usage = 0
-    lookups: dict[tuple, Any] = {}
-    width = len(by)
-    for key, (n, inp, out, cache_read, cache_write, reasoning) in sums.items():
-        group = key[:width]
-        provider, api_format, model, error_type = key[width:]
-        # The canary's calls (`lmgate doctor`, error_type "canary") are LMGate's own: never usage.
-        if error_type == "canary":
-            continue
-        row = rows.get(group)
-        if row is None:
-            row = rows[group] = Row(group)
-        fmt = token_format(provider, api_format)
-        tokens = billable(fmt, inp, out, cache_read, cache_write, reasoning)
-        row.requests += n
-        if error_type in DENIED:
-            row.denied += n
-        elif error_type in NO_USAGE:
-            no_usage += n
-        elif error_type is not None:
-            row.errors += n
-        row.input_tokens += tokens.input
-        row.output_tokens += tokens.output
-        row.cache_read_tokens += tokens.cache_read
-        row.cache_write_tokens += tokens.cache_write
-        row.reasoning_tokens += tokens.reasoning
-        if not (tokens.input or tokens.output or tokens.cache_read or tokens.cache_write):
-            continue                        # nothing to pay for (denied calls, errors, ...)
-        plist = price_list(provider, api_format)
-        if (plist, model) not in lookups:
-            lookups[(plist, model)] = prices.lookup(plist, model)
-        price = lookups[(plist, model)]
-        if price is None:
-            row.unpriced = True
-            label = f"{model or '(no model)'} ({plist or provider or 'unknown provider'})"
-            unpriced[label] = unpriced.get(label, 0) + n
-        else:
-            row.cost += cost(fmt, tokens, price)
-            row.priced = True
-    total = Row(("TOTAL",))
-    for row in rows.values():
-        total.add(row)
-    ordered = sorted(rows.values(), key=lambda r: tuple((v is None, v) for v in r.group))
-    return Report(by, ordered, total, dict(sorted(unpriced.items())), no_usage, prices, window)
+    overridden: dict[str, list[str]] = field(default_factory=dict)  # price file -> its models
 
 
 # ---------------------------------------------------------------- json and csv
 
 def records(report: Report) -> list[dict[str, Any]]:
-    """One object per group: its fields, then COUNTERS (cost_usd null when not known)."""
-    return [{**dict(zip(report.by, row.group)), **{name: getattr(row, name) for name in COUNTERS}}
-            for row in report.rows]
+    """One object per group: its fields, COUNTERS (cost_usd null when not known), SOURCE."""
+    return [{**dict(zip(report.by, row.group, strict=True)), **{name: getattr(row, name) for name in COUNTERS},
+             SOURCE: row.price_source} for row in report.rows]
 
 
 def write_json(report: Report, out: TextIO) -> None:
@@ -125,16 +82,19 @@ def write_json(report: Report, out: TextIO) -> None:
 
 def write_csv(report: Report, out: TextIO) -> None:
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(list(report.by) + list(COUNTERS))
+    writer.writerow(list(report.by) + list(COUNTERS) + [SOURCE])
     for row in report.rows:
         cost_cell = "" if row.cost_usd is None else f"{row.cost_usd:.6f}"
         writer.writerow(["" if v is None else v for v in row.group]
-                        + [getattr(row, name) for name in COUNTERS[:-1]] + [cost_cell])
+                        + [getattr(row, name) for name in COUNTERS[:-1]] + [cost_cell,
+                                                                              row.price_source])
 
 
 def notes(report: Report) -> list[str]:
     """What a reader must know beside the numbers: missing prices, missing counts."""
     lines = []
+    for source, models in report.overridden.items():
+        lines.append(f"priced by {source}: " + ", ".join(models))
     if report.unpriced:
         lines.append("unpriced models: " + ", ".join(
             f"{label}: {n:,} request{'s' if n != 1 else ''}" for label, n in report.unpriced.items()))
@@ -215,17 +175,17 @@ def table_lines(report: Report, ellipsis: str = "…") -> list[str]:
              for i, h in enumerate(grp_heads)]
 
     def nums(cells: list[str], gap: str) -> str:
-        return gap.join(c.rjust(w) for c, w in zip(cells, num_w))
+        return gap.join(c.rjust(w) for c, w in zip(cells, num_w, strict=True))
 
     def grp(cells: list[str], widths: list[int]) -> str:
-        return "  ".join(_clip(c, w, ellipsis).ljust(w) for c, w in zip(cells, widths))
+        return "  ".join(_clip(c, w, ellipsis).ljust(w) for c, w in zip(cells, widths, strict=True))
 
     lines = []
     if sum(grp_w) + 2 * len(grp_w) + len(nums(heads, " ")) <= WIDTH:
         def line(g: list[str], n: list[str]) -> str:
             return grp(g, grp_w) + "  " + nums(n, " ")
         lines.append(line(grp_heads, heads))
-        lines += [line(g, n) for g, n in zip(group_cells, number_cells)]
+        lines += [line(g, n) for g, n in zip(group_cells, number_cells[:-1], strict=True)]
         lines.append(line(total_label, number_cells[-1]))
     else:
         # Stacked: the group's values on one line, its numbers indented on the next.
@@ -233,7 +193,7 @@ def table_lines(report: Report, ellipsis: str = "…") -> list[str]:
         gap = "  " if 2 + len(nums(heads, "  ")) <= WIDTH else " "
         lines.append(grp(grp_heads, widths))
         lines.append("  " + nums(heads, gap))
-        for g, n in zip(group_cells, number_cells):
+        for g, n in zip(group_cells, number_cells[:-1], strict=True):
             lines.append(grp(g, widths))
             lines.append("  " + nums(n, gap))
         lines.append("TOTAL")
@@ -248,11 +208,13 @@ def _legend(report: Report) -> list[str]:
     text = ["Tokens in k (thousand), M (million). In: input not read from cache; CR, CW: cache "
             "read, cache write; Rsn: reasoning, included in Out. Deny, Err: calls denied by "
             "the gate, calls that failed."]
-    prices = report.prices
-    if prices is not None:
-        text.append(f"USD at the prices of {prices.source} as of {prices.as_of}."
-                    + (" A + marks a partial cost: usage of unpriced models is not in it."
-                       if report.total.unpriced else ""))
+    pricer = report.pricer
+    if pricer is not None:
+        said = f"USD at list prices from {GENAI} {genai_version()} on each call's date"
+        if pricer.overrides is not None:
+            said += f", overridden by {pricer.overrides.source} (as of {pricer.overrides.as_of})"
+        text.append(said + "." + (" A + marks a partial cost: usage of unpriced models is not in it."
+                                  if report.total.unpriced else ""))
     if report.window:
         text.append(report.window)
     text += notes(report)

@@ -28,7 +28,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.gate import spool_dir, wait_until
+from tests.support.gate import spool_dir
+from tests.support.http import http_status
+from tests.support.wait import wait_until
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -42,16 +44,6 @@ ALLOWED_KEY = "sk-lmgate-docker-test-0123456789abcdef"
 UNLISTED_KEY = "sk-lmgate-docker-test-unlisted-000000"
 START_SECONDS = 20
 STOP_SECONDS = 15  # well under compose's stop_grace_period
-
-
-def http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
 
 
 class Upstream:

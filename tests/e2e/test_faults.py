@@ -25,7 +25,8 @@ import httpx
 import pytest
 
 from tests.support.fault_upstream import FIRST_EVENT, FaultUpstream, closed_port
-from tests.support.gate import ALICE_KEY, ALLOWLIST, BOB_KEY, CONFIG, Gate, wait_until
+from tests.support.gate import ALICE_KEY, ALLOWLIST, BOB_KEY, CONFIG, Gate
+from tests.support.wait import wait_until
 from tests.support.hardening import (CAROL_KEY, COMMA_KEY, QUERY_KEY, QUOTE_KEY, Load, alive,
                                      find_leaks, gate_outputs, known_bug, log_count, nginx_master_pid,
                                      readyz, rss_kib)
@@ -135,9 +136,6 @@ def test_sidecar_sigterm_under_load_writes_every_buffered_record(own_gate, mock_
 
 # ============================================================================ the upstream misbehaves
 
-FAULT_BODIES: list[str] = []  # every error body received in this section (grepped for keys at the end)
-
-
 @pytest.fixture(scope="module")
 def fault_upstream():
     f = FaultUpstream().start()
@@ -182,7 +180,7 @@ def test_upstream_failure_before_the_answer_gives_a_clean_json_error_and_a_recor
     started = time.monotonic()
     resp = httpx.post(faulty.base(provider) + path, content=b"{}", timeout=10, **kwargs)
     elapsed = time.monotonic() - started
-    FAULT_BODIES.append(resp.text)
+    assert find_leaks({"body": resp.text}) == []
     assert resp.status_code == status
     assert resp.headers["content-type"].startswith("application/json")
     assert check(resp.json()), resp.text
@@ -242,18 +240,19 @@ def test_client_disconnecting_before_the_answer_is_recorded_as_client_closed(fau
 
 def test_upstream_failures_with_keys_in_the_query_leak_no_key(faulty):
     # nginx writes the request line (with its query string) into these error lines.
+    bodies = []
     for key in (ALICE_KEY, QUERY_KEY):
         resp = httpx.post(faulty.base("gemini") + "/v1beta/models/m:generateContent", params={"key": key},
                           content=b"{}")
-        FAULT_BODIES.append(resp.text)
+        bodies.append(resp.text)
         assert resp.status_code in (403, 502)
     resp = httpx.post(faulty.base("google") + "/v1/reset-early", params={"key": ALICE_KEY}, content=b"{}")
-    FAULT_BODIES.append(resp.text)
+    bodies.append(resp.text)
     assert resp.status_code == 502
     time.sleep(0.5)
     assert "connect() failed" in faulty.log() and "?<query hidden>" in faulty.log()
     outputs = gate_outputs(faulty)
-    outputs.update({f"body {i}": b for i, b in enumerate(FAULT_BODIES)})
+    outputs.update({f"body {i}": b for i, b in enumerate(bodies)})
     assert find_leaks(outputs) == []
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.gate import ALICE_KEY, BOB_KEY, UNLISTED_KEY, Gate, wait_until
+from tests.support.gate import ALICE_KEY, BOB_KEY, UNLISTED_KEY, Gate
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -239,7 +240,7 @@ def test_request_ids_are_unique_across_connections_and_restarts(own_gate, mock_u
     assert len(ids) == 10 and len(set(ids)) == 10, ids
     parts = [re.fullmatch(r"([0-9a-f]{16})-(\d+)-(\d+)-(\d+)", i) for i in ids]
     assert all(parts), ids
-    instance, _pid, connection, number = zip(*(m.groups() for m in parts))
+    instance, _pid, connection, number = zip(*(m.groups() for m in parts), strict=True)
     assert len(set(instance[:5])) == 1 and len(set(instance[5:])) == 1 and instance[0] != instance[5]
     for run in (0, 5):
         # Three calls on one connection, numbered 1 to 3 on it; then two connections of their own.
@@ -396,7 +397,7 @@ def test_client_closing_after_done_is_a_complete_call_and_mid_stream_keeps_what_
     mark = gate.mark()
     with httpx.stream("POST", gate.base("anthropic") + "/v1/messages", headers={"x-api-key": ALICE_KEY},
                       content=b"{}", timeout=10) as resp:
-        for line in resp.iter_lines():
+        for _line in resp.iter_lines():
             break
     release.set()
     [record] = gate.new_records(mark, 1)

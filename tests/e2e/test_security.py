@@ -13,7 +13,6 @@ named in the reason is expected to fail; any other failure in them fails the run
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import yaml
 
 from lmgate.providers import PROVIDERS
 from tests.support.fault_upstream import FaultUpstream, closed_port
-from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate, wait_until
-from tests.support.http_head import parse_response
+from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate
+from tests.support.wait import wait_until
+from tests.support.http import bearer, raw_request
 from tests.support.hardening import (QUERY_KEY, SUITE_KEYS, find_leaks, gate_outputs, known_bug,
                                      readyz)
 from tests.support.mock_upstream import MockUpstream
@@ -35,43 +35,6 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_KEY_HEADERS = {"Authorization": f"Bearer {ALICE_KEY}", "x-api-key": ALICE_KEY, "x-goog-api-key": ALICE_KEY}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def raw_request(port: int, data: bytes, timeout: float = 10) -> tuple[int | None, dict[str, str], bytes]:
-    """Send bytes as they are (HTTP clients normalise paths and headers); return status, headers, body."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        try:
-            sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # nginx may answer and close before it has read everything (413)
-        received = b""
-        while not _complete(received):
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
-    if not received.partition(b"\r\n\r\n")[0]:
-        return None, {}, b""
-    return parse_response(received)
-
-
-def _complete(received: bytes) -> bool:
-    """A whole response with a Content-Length has arrived (nginx may linger before closing)."""
-    head, sep, body = received.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value)
-    return False
 
 
 def get(path: str, headers: dict[str, str] = ALL_KEY_HEADERS, method: str = "GET", body: bytes = b"") -> bytes:
@@ -106,7 +69,6 @@ def fault_upstream():
     f.stop()
 
 
-BODIES: list[str] = []  # every body received by the key-leak test
 
 
 @pytest.fixture(scope="module")
@@ -189,12 +151,14 @@ def test_compose_keeps_the_sidecar_on_an_internal_network():
 
 # ============================================================================ keys never leak
 
-def _leak_calls(g: Gate) -> None:
-    """Every key, in every place, against answers that make nginx log the request line."""
+def _leak_calls(g: Gate) -> list[str]:
+    """Every key, in every place, against answers that make nginx log the request line; returns
+    the bodies received."""
+    bodies: list[str] = []
     with httpx.Client(timeout=10) as client:
         def call(method, provider, path, **kw):
             resp = client.request(method, g.base(provider) + path, **kw)
-            BODIES.append(resp.text)
+            bodies.append(resp.text)
             return resp.status_code
 
         for key in SUITE_KEYS:
@@ -220,17 +184,18 @@ def _leak_calls(g: Gate) -> None:
             # an over-long header line: nginx's own 400 (logged at info level only)
             assert call("GET", "openai", "/v1/models",
                         headers={"Authorization": f"Bearer {key}" + "x" * 40_000}) == 400
+    return bodies
 
 
 def test_no_full_key_in_stats_logs_or_bodies(leaky):
-    _leak_calls(leaky)
+    bodies = _leak_calls(leaky)
     wait_until(lambda: "connect() failed" in leaky.log() and "upstream timed out" in leaky.log(),
                5, "nginx's error lines")
     assert "?<query hidden>" in leaky.log()  # the request lines are there, redacted
     # Refusals past a bound per client address are folded into one record per 10 s window.
     wait_until(lambda: sum(r.get("folded_calls", 1) for r in leaky.records()) >= 60, 20, "the records of the calls")
     outputs = gate_outputs(leaky)
-    outputs.update({f"body {i}": b for i, b in enumerate(BODIES)})
+    outputs.update({f"body {i}": b for i, b in enumerate(bodies)})
     assert find_leaks(outputs) == []
 
 

@@ -13,12 +13,13 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate, bearer, http_ok, wait_until
+from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate
+from tests.support.http import bearer, http_ok
+from tests.support.wait import wait_until
 from tests.support.hardening import alive, readyz
 
 pytestmark = pytest.mark.e2e
@@ -137,11 +138,8 @@ def test_recorded_spool_files_are_deleted(own_gate, mock_upstream):
     assert first and all(n.startswith("calls-") for n in first)
     # A file is deleted once its second has been over for 2 s and it is recorded; keep calling so
     # that newer files exist, as they would under traffic.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and set(first) & set(spool_files(g)):
-        call(g, "/v1/spool/cleanup", ALICE_KEY)
-        time.sleep(1)
-    assert not set(first) & set(spool_files(g)), f"{first} still in the spool"
+    wait_until(lambda: call(g, "/v1/spool/cleanup", ALICE_KEY) and not set(first) & set(spool_files(g)),
+               20, f"{first} to leave the spool", interval=1)
     checkpoint = json.loads((g.spool / ".checkpoint.json").read_text())
     assert not set(first) & set(checkpoint), "the checkpoint still names deleted files"
     records = g.records()

@@ -307,7 +307,8 @@ def test_a_renewed_certificate_is_served_to_new_connections_while_an_open_stream
     assert served_fingerprint(gate.port, context) == fingerprint(gate.first)
     mark = gate.mark()
     stream = stream_class(f"{gate.base('openai')}/v1/chat/completions",
-                          {"model": "gpt-4o", "stream": True, "messages": []}, ca, tmp_path)
+                          {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True},
+                           "messages": []}, ca, tmp_path)
     received = stream.first()  # the stream is open, its last event held back by the mock
     assert received
     renewed_crt, renewed_key = ca.issue("renewed", ["localhost"], ["127.0.0.1"])

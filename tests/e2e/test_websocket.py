@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support.gate import ALICE_KEY, UNLISTED_KEY, Gate
-from tests.support.ws_upstream import LIVE_USAGE, REALTIME_USAGE, RESPONSES_USAGE, WSUpstream
+from tests.support.ws_upstream import LIVE_USAGE, REALTIME_USAGE, WSUpstream
 
 pytestmark = pytest.mark.e2e
 

@@ -30,9 +30,10 @@ from lmgate.allowlist import AllowListHolder, hash_key, mask_key
 from lmgate.app import create_app
 from lmgate.settings import load_settings
 from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY
-from tests.support.http_head import parse_response
+from tests.support.http import parse_response
 from tests.support.hardening import rss_kib
 from tests.support.spool_lines import FIELDS, append, slot, spool_file, spool_line
+from tests.support.wait import wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -123,14 +124,12 @@ class Sidecar:
         rid = f"sentinel-{self.sentinels}"
         self.write([spool_line(b"{}", rid=rid, m="GET", u="/openai/v1/models", ts=f"{time.time():.3f}")])
         needle = f'"request_id":"{rid}"'.encode()
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def written() -> bytes:
             data = self.stats.read_bytes()[self.offset:] if self.stats.exists() else b""
-            if needle in data:
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the line {rid} never reached the stats file: the reader stopped")
-            await asyncio.sleep(0.01)
+            return data if needle in data else b""
+
+        data = await wait_until_async(written, timeout, f"the line {rid} in the stats file (the reader stopped?)")
         self.offset += len(data)
         records = strict_records(data)
         assert records[-1]["request_id"] == rid

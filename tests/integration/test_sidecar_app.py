@@ -21,6 +21,7 @@ from lmgate.app import SPOOL, create_app
 from lmgate.settings import load_settings
 from lmgate.spool import CHECKPOINT_NAME, SLOT_SECONDS, STATS_MARK
 from tests.support.spool_lines import append, slot, spool_file, spool_line
+from tests.support.wait import wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -77,15 +78,6 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.splitlines()]
 
 
-async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(interval)
-
-
 class Gate:
     """One sidecar app under test, its files and its test client."""
 
@@ -101,11 +93,11 @@ class Gate:
         return [r["request_id"] for r in self.records()]
 
     async def wait_records(self, n: int, timeout: float = 5.0) -> list[dict]:
-        await wait_for(lambda: len(self.records()) >= n, timeout)
+        await wait_until_async(lambda: len(self.records()) >= n, timeout, f"{n} records")
         return self.records()
 
     async def wait_rid(self, rid: str, timeout: float = 5.0) -> list[dict]:
-        await wait_for(lambda: rid in self.rids(), timeout)
+        await wait_until_async(lambda: rid in self.rids(), timeout, f"the record of {rid}")
         return self.records()
 
     def write(self, *lines: bytes, slot_start: int | None = None) -> Path:
@@ -119,13 +111,17 @@ class Gate:
         return resp.status, await resp.json()
 
     async def wait_ready(self, predicate, timeout: float = 5.0) -> tuple[int, dict]:
-        """/readyz once predicate(status, body) holds (or the last answer after the timeout)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            code, body = await self.readyz()
-            if predicate(code, body) or time.monotonic() > deadline:
-                return code, body
-            await asyncio.sleep(0.02)
+        """/readyz once predicate(status, body) holds."""
+        answers = []
+
+        async def ready() -> tuple[int, dict] | None:
+            answers.append(await self.readyz())
+            return answers[-1] if predicate(*answers[-1]) else None
+
+        try:
+            return await wait_until_async(ready, timeout, "/readyz to show it", interval=0.02)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last answer: {answers[-1] if answers else None}") from None
 
     async def auth(self, headers=None, query: str | None = None,
                    path: str = "/gemini/v1beta/models/gemini-2.0-flash:generateContent"):
@@ -320,7 +316,7 @@ async def test_lines_across_slot_files_each_recorded_once_and_finished_files_del
                                          + [f"c{i}" for i in range(40)])
     # Slot order: the older files' lines come first.
     assert [r[0] for r in gate.rids()] == ["a"] * 30 + ["b"] * 30 + ["c"] * 40
-    assert await wait_for(lambda: not old1.exists() and not old2.exists())
+    await wait_until_async(lambda: not old1.exists() and not old2.exists(), 5, "the old spool files' deletion")
     assert current.exists()                          # nginx may still be writing it
     assert spool_checkpoint(gate.spool) == {current.name: [current.stat().st_ino, current.stat().st_size]}
     await asyncio.sleep(0.2)                         # a few more flushes: nothing comes twice
@@ -350,7 +346,7 @@ async def test_calls_made_while_the_sidecar_was_down_are_recorded_when_it_starts
     gate = await make_gate(spool_dir=spool)
     await gate.wait_records(50)
     assert sorted(gate.rids()) == sorted([f"down{i}" for i in range(40)] + [f"now{i}" for i in range(10)])
-    assert await wait_for(lambda: not spool_file(spool, now - OLD).exists())
+    await wait_until_async(lambda: not spool_file(spool, now - OLD).exists(), 5, "the old spool file's deletion")
 
 
 async def test_a_partial_line_waits_for_its_end(make_gate):
@@ -407,10 +403,11 @@ async def test_reader_survives_a_line_that_cannot_be_turned_into_a_record(make_g
     assert body["spool_bad_lines"] == 3
 
 
-async def test_the_old_stats_endpoint_is_gone(make_gate):
+async def test_unknown_paths_are_404(make_gate):
     gate = await make_gate()
-    resp = await gate.client.post("/stats?rid=x", data=OPENAI_BODY)
-    assert resp.status == 404
+    for method, path in (("POST", "/nope?rid=x"), ("GET", "/auth/x"), ("GET", "/")):
+        resp = await gate.client.request(method, path, data=OPENAI_BODY)
+        assert resp.status == 404, (method, path)
 
 
 async def test_readyz_503_when_the_spool_folder_cannot_be_made_and_recovers(make_gate, tmp_path):
@@ -478,7 +475,7 @@ async def test_readyz_503_after_stats_write_fails_and_recovers(make_gate, tmp_pa
     assert [r["request_id"] for r in records] == ["kept"]
     code, body = await gate.wait_ready(lambda c, b: c == 200)
     assert code == 200 and body["ready"] is True and body["stats_written"] == 1
-    assert await wait_for(lambda: (gate.spool / CHECKPOINT_NAME).exists())
+    await wait_until_async(lambda: (gate.spool / CHECKPOINT_NAME).exists(), 5, "the checkpoint")
 
 
 async def test_readyz_503_at_once_when_stats_folder_is_a_file(make_gate, tmp_path):
@@ -538,7 +535,8 @@ async def test_killed_between_a_flush_and_its_checkpoint_records_nothing_twice(m
     first.write(*(call_line(rid=f"a{i}") for i in range(10)))
     await first.wait_records(10)
     checkpoint = first.spool / CHECKPOINT_NAME
-    assert await wait_for(lambda: checkpoint.exists() and STATS_MARK in json.loads(checkpoint.read_text()))
+    await wait_until_async(lambda: checkpoint.exists() and STATS_MARK in json.loads(checkpoint.read_text()), 5,
+                           "the stats file's mark in the checkpoint")
     old = checkpoint.read_bytes()
     first.write(*(call_line(rid=f"b{i}") for i in range(15)))
     await first.wait_records(25)
@@ -669,12 +667,7 @@ async def test_hot_reload_by_the_poller(make_gate):
         resp, _ = await gate.auth({"x-api-key": new_key})
         return resp.status == 200
 
-    deadline = time.monotonic() + 5
-    ok = await allowed()
-    while not ok and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        ok = await allowed()
-    assert ok
+    await wait_until_async(allowed, 5, "the new key to be allowed", interval=0.05)
     resp, _ = await gate.auth({"x-api-key": KEY_ALICE})
     assert resp.status == 403
 

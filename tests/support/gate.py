@@ -16,8 +16,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from lmgate.local import http_ok  # noqa: F401 - the health check the tests share with `lmgate up`
+from tests.support.http import bearer, http_ok  # noqa: F401 - bearer: for tests that import it from here
 from tests.support.ports import free_port
+from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "lmgate.yaml"
@@ -32,21 +33,6 @@ ALLOWLIST = (
     # Bob's key is stored hashed, as the README recommends.
     "bob,sha256:{bob_hash},bob@example.com,2026-01-02\n"
 )
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def spool_dir(workdir: Path) -> Path:
@@ -144,7 +130,7 @@ class Gate:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"lmgate did not stop within {timeout}s:\n{self.log()}")
+                raise AssertionError(f"lmgate did not stop within {timeout}s:\n{self.log()}") from None
         self._log.close()
         return self.proc.returncode
 

@@ -5,7 +5,6 @@ for the unit and integration tests. The line format is known here only."""
 from __future__ import annotations
 
 import base64
-import json
 import re
 import time
 from pathlib import Path

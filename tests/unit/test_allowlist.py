@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import lmgate.allowlist as allowlist_mod
 from lmgate.allowlist import (AllowListError, AllowListHolder, hash_key, load_allowlist, mask_key,
                               parse_allowlist)
-from tests.support.eventually import eventually
+from tests.support.wait import wait_until_async
 
 pytestmark = pytest.mark.unit
 
@@ -570,11 +570,8 @@ async def test_poller_picks_up_change(keyfile, monkeypatch):
     task = asyncio.create_task(holder.poll_forever())
     try:
         keyfile(HEADER + f"bob,{KEY_B},Bob,2024\n", 10)
-        for _ in range(200):
-            if holder.current.lookup(KEY_B):
-                break
-            await asyncio.sleep(0.01)
-        assert holder.current.lookup(KEY_B).id == "bob"
+        bob = await wait_until_async(lambda: holder.current.lookup(KEY_B), 2, "the poller's reload")
+        assert bob.id == "bob"
     finally:
         task.cancel()
 
@@ -635,7 +632,7 @@ async def test_poller_survives_unexpected_error(keyfile, monkeypatch):
     monkeypatch.setattr(holder, "check_async", boom)
     task = asyncio.create_task(holder.poll_forever())
     try:
-        assert await eventually(lambda: len(calls) >= 3)
+        await wait_until_async(lambda: len(calls) >= 3, 2, "three polls")
         assert not task.done()
     finally:
         task.cancel()

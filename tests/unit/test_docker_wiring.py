@@ -207,8 +207,9 @@ def test_compose_environment_is_valid_config():
         else:
             assert settings.server.reachable_host == "lmgate"
             assert PurePosixPath(str(settings.proxy.runtime_dir)).is_relative_to("/tmp")
-        # Both containers work in /app: the spool is /app/data/spool on either side.
-        assert PurePosixPath(str(settings.stats.spool_dir)) == PurePosixPath("data/spool")
+        # Both containers read /app/config/lmgate.yaml: the spool is /app/data/spool on either side
+        # (relative paths resolve against the config file's folder).
+        assert settings.stats.spool_dir == REPO / "data" / "spool"
 
 
 def test_mounts(services):

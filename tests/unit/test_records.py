@@ -461,7 +461,7 @@ def test_path_with_escapes_and_invalid_utf8():
     b"", b"garbage", b"{", b"{not json}", b"{\"a\":", b"[1,2,3]", b"\"just a string\"", b"null", b"42",
     b"\xff\xfe\x00{", b"{}}", b"\x00" * 100, bytes(range(256)),
     spool_line(OPENAI_BODY).partition(b"\t")[0][:-5],  # torn: nginx never finished the line
-    b'<190>Nov 14 22:13:20 host nginx: {"s":"200"}',  # the old syslog fallback line
+    b'<190>Nov 14 22:13:20 host nginx: {"s":"200"}',  # syslog framing
 ], ids=lambda b: repr(b[:20]))
 def test_line_that_is_not_a_json_object_raises_value_error(line):
     with pytest.raises(ValueError):

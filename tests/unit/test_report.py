@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import gzip
 import io
 import json
 import os
@@ -13,13 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import genai_prices
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lmgate.report import add_report_arguments, run_report
-from lmgate.report import command, output, scan
-from lmgate.report.prices import PriceError, load_prices
-from lmgate.report.scan import GROUP_FIELDS, Scanner, stats_files, ts_bound
+from lmgate.report import command, output, query
+from lmgate.report.prices import Pricer, PriceError, load_prices
+from lmgate.report.query import GROUP_FIELDS, stats_files, ts_bound
+from lmgate.report.summary import summarize
+from lmgate.settings import ConfigError
 
 pytestmark = pytest.mark.unit
 
@@ -42,7 +46,7 @@ providers:
 """
 
 COUNTER_KEYS = ["requests", "denied", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
-                "cache_write_tokens", "reasoning_tokens", "cost_usd"]
+                "cache_write_tokens", "reasoning_tokens", "cost_usd", "price_source"]
 
 
 def rec(ts: str = "2026-11-10T10:00:00.000Z", **fields: Any) -> dict[str, Any]:
@@ -173,6 +177,19 @@ def test_canary_calls_are_left_out(run, tmp_path: Path) -> None:
     assert [(r["provider"], r["requests"], r["errors"]) for r in rows] == [("openai", 1, 0)]
 
 
+def test_folded_refusals_count_every_call_they_stand_for(run, tmp_path: Path) -> None:
+    """A record of a flood of refused calls (lmgate/refusals.py) counts as the calls it folds."""
+    refused = dict(error_type="forbidden", status=403, lmgate_id=None, owner=None, model=None,
+                   input_tokens=None, output_tokens=None)
+    stats = write(tmp_path / "data" / "stats.jsonl",
+                  [rec(), rec(**refused), rec(**refused, folded_calls=290)])
+    [row] = as_json(run("--format", "json", "--by", "provider", stats=stats))
+    assert (row["requests"], row["denied"]) == (292, 291)
+    code, out, _ = run("--format", "csv", "--sql", "SELECT sum(coalesce(folded_calls, 1)) AS calls FROM records",
+                       stats=stats)
+    assert code == 0 and out.strip().splitlines()[-1] == "292"
+
+
 # ---------------------------------------------------------------- files, rotation, time window
 
 def test_rotated_files_are_read_in_order_each_once(run, tmp_path: Path) -> None:
@@ -185,18 +202,26 @@ def test_rotated_files_are_read_in_order_each_once(run, tmp_path: Path) -> None:
     write(data / "stats.20261101T000000Z-2.jsonl", [rec("2026-11-01T00:00:03.000Z", owner="d"), "bad-4\n"])
     write(data / "stats.jsonl", [rec("2026-11-02T00:00:00.000Z", owner="f"), "bad-6\n"])
     write(data / "other.20261101T000000Z.jsonl", [rec(owner="not-mine")])
-    write(data / "stats.20261101T000000Z.jsonl.gz", ["not a stats file\n"])
+    write(data / "stats.20261101T000000Z.json", [rec(owner="not-mine-either")])
+    # A rotated file compressed since is read too.
+    with gzip.open(data / "stats.20261101T000000Z-3.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(line(rec("2026-11-01T00:00:03.500Z", owner="d2")) + "bad-4b\n")
 
     assert [f.path.name for f in stats_files(data / "stats.jsonl")] == [
         "stats.20261031T235959Z.jsonl", "stats.20261101T000000Z.jsonl", "stats.20261101T000000Z-1.jsonl",
-        "stats.20261101T000000Z-2.jsonl", "stats.20261101T000000Z-10.jsonl", "stats.jsonl"]
+        "stats.20261101T000000Z-2.jsonl", "stats.20261101T000000Z-3.jsonl.gz",
+        "stats.20261101T000000Z-10.jsonl", "stats.jsonl"]
     code, out, err = run("--format", "json", "--by", "owner")
     assert code == 0
-    assert {r["owner"]: r["requests"] for r in json.loads(out)} == dict.fromkeys("abcdef", 1)
+    assert {r["owner"]: r["requests"] for r in json.loads(out)} == dict.fromkeys(
+        ["a", "b", "c", "d", "d2", "e", "f"], 1)
     listed = [ln.split(":")[0].rsplit("/", 1)[-1] for ln in err.splitlines() if ln.startswith("  ")]
     assert listed == ["stats.20261031T235959Z.jsonl", "stats.20261101T000000Z.jsonl",
                       "stats.20261101T000000Z-1.jsonl", "stats.20261101T000000Z-2.jsonl",
-                      "stats.20261101T000000Z-10.jsonl", "stats.jsonl"]
+                      "stats.20261101T000000Z-3.jsonl.gz", "stats.20261101T000000Z-10.jsonl",
+                      "stats.jsonl"]
+    code, out, err = run("--format", "json", "--by", "owner", "--since", "2026-11-01T00:00:03Z")
+    assert {r["owner"]: r["requests"] for r in json.loads(out)} == dict.fromkeys(["d", "d2", "e", "f"], 1)
 
 
 def test_time_window_across_rotated_files(run, tmp_path: Path) -> None:
@@ -308,7 +333,7 @@ def test_null_counts_cost_nothing(run, tmp_path: Path) -> None:
     assert row["cost_usd"] == 0 and row["input_tokens"] == 0
 
 
-def test_unpriced_model_has_no_cost_and_is_listed_once(run, tmp_path: Path) -> None:
+def test_unpriced_model_has_no_cost_and_is_listed_once(run, tmp_path: Path, prices_file: Path) -> None:
     stats = write(tmp_path / "data" / "stats.jsonl", [
         rec(model="mystery-1", owner="a"), rec(model="mystery-1", owner="b"), rec(model="mystery-1", owner="b"),
         rec(model="cheap-1", owner="a", input_tokens=1_000_000, output_tokens=0),
@@ -331,31 +356,93 @@ def test_unpriced_model_has_no_cost_and_is_listed_once(run, tmp_path: Path) -> N
 
     code, out, err = run("--format", "csv", "--by", "model", stats=stats)
     assert list(csv.reader(io.StringIO(out)))[1:] == [
-        ["cheap-1", "1", "0", "0", "1000000", "0", "0", "0", "0", "1.000000"],
-        ["mystery-1", "4", "1", "0", "30", "15", "0", "0", "0", ""]]
+        ["cheap-1", "1", "0", "0", "1000000", "0", "0", "0", "0", "1.000000", str(prices_file)],
+        ["mystery-1", "4", "1", "0", "30", "15", "0", "0", "0", "", ""]]
     assert err.count("unpriced models: mystery-1 (openai): 3 requests") == 1
 
 
-def test_shipped_price_file_is_valid_and_prices_common_models() -> None:
+def test_shipped_price_file_holds_overrides_only() -> None:
     table = load_prices(REPO / "config" / "prices.yaml")
-    assert table.as_of
-    for plist, model in [("openai", "gpt-4o-mini-2024-07-18"), ("openai", "gpt-4o-2024-08-06"),
-                         ("openai", "gpt-4.1-mini-2025-04-14"), ("openai", "gpt-5-nano-2025-08-07"),
-                         ("openai", "o3"), ("openai", "o4-mini-2025-04-16"),
-                         ("openai", "text-embedding-3-small"),
-                         ("anthropic", "claude-sonnet-4-20250514"), ("anthropic", "claude-sonnet-4@20250514"),
-                         ("anthropic", "claude-opus-4-1-20250805"), ("anthropic", "claude-haiku-4-5-20251001"),
-                         ("anthropic", "claude-3-5-sonnet-20240620"), ("google", "gemini-2.5-pro"),
-                         ("google", "gemini-2.5-flash"), ("google", "gemini-2.0-flash")]:
-        assert table.lookup(plist, model) is not None, model
-    assert table.lookup("openai", "gpt-4o-mini").input < table.lookup("openai", "gpt-4o").input
-    assert table.lookup("google", "gemini-2.5-flash-lite").model == "gemini-2.5-flash-lite*"
-    assert table.lookup("openai", "gpt-5.5-2026-04-23") is None     # newer than the file: unpriced
+    assert table.as_of and set(table.lists) == {"openai", "anthropic", "google"}
+    assert not any(table.lists.values())        # list prices come from genai-prices
+
+
+@pytest.mark.parametrize("provider, api_format, model", [
+    ("openai", "openai", "gpt-4o-mini-2024-07-18"), ("openai", "openai", "gpt-4.1-mini-2025-04-14"),
+    ("openai", "openai", "gpt-5-nano-2025-08-07"), ("openai", "openai", "o4-mini-2025-04-16"),
+    ("openai", "openai", "text-embedding-3-small"),
+    ("anthropic", "anthropic", "claude-sonnet-4-20250514"), ("anthropic", "anthropic", "claude-haiku-4-5-20251001"),
+    ("google", "anthropic", "claude-sonnet-4@20250514"),       # Claude on Vertex AI
+    ("google", "google", "gemini-2.5-pro"), ("gemini", "google", "gemini-2.5-flash"),
+    ("gemini", "google", "gemini-2.0-flash"),
+])
+def test_common_models_get_list_prices(provider: str, api_format: str, model: str) -> None:
+    units = Pricer(None).lookup(provider, api_format, model, 0, 0)
+    assert units is not None and units.source == "genai-prices", model
+    assert units.input > 0 and units.cache_read <= units.input
+
+
+def per_call_price(model: str, provider: str, when: str, **usage: int) -> float:
+    """genai-prices' own price of one call, the slow obvious way."""
+    return float(genai_prices.calc_price(
+        genai_prices.Usage(**usage), model, provider_id=provider,
+        genai_request_timestamp=dt.datetime.fromisoformat(when.replace("Z", "+00:00"))).total_price)
+
+
+def test_list_prices_per_call_with_tiers_and_cache(run, tmp_path: Path) -> None:
+    """Grouped pricing equals genai-prices' price of each call: long prompts in their tier,
+    Anthropic's cache counts on top of its input, OpenAI's inside it."""
+    small = dict(provider="anthropic", api_format="anthropic", model="claude-sonnet-4-5-20250929",
+                 input_tokens=1000, output_tokens=500, cache_read_tokens=2000, cache_write_tokens=300)
+    big = dict(small, input_tokens=150_000, cache_read_tokens=60_000)       # prompt > 200k tokens
+    gpt = dict(provider="openai", api_format="openai", model="gpt-4o-mini-2024-07-18",
+               input_tokens=5000, output_tokens=700, cache_read_tokens=1024, reasoning_tokens=0)
+    stats = write(tmp_path / "data" / "stats.jsonl", [
+        rec("2026-11-10T10:00:00.000Z", **small), rec("2026-11-10T11:00:00.000Z", **big),
+        rec("2026-11-10T12:00:00.000Z", **gpt)])
+    no_overrides = tmp_path / "none.yaml"
+    no_overrides.write_text(PRICES.split("providers:")[0] + "providers: {}\n", encoding="utf-8")
+    rows = {r["model"]: r for r in as_json(run("--format", "json", "--by", "model", stats=stats,
+                                               prices=no_overrides))}
+
+    def anthropic_call(f: dict) -> float:
+        return per_call_price(f["model"], "anthropic", "2026-11-10T10:00:00Z",
+                              input_tokens=f["input_tokens"] + f["cache_read_tokens"] + f["cache_write_tokens"],
+                              output_tokens=f["output_tokens"], cache_read_tokens=f["cache_read_tokens"],
+                              cache_write_tokens=f["cache_write_tokens"])
+
+    claude = rows["claude-sonnet-4-5-20250929"]
+    assert claude["cost_usd"] == pytest.approx(anthropic_call(small) + anthropic_call(big), abs=1e-6)
+    assert claude["price_source"] == "genai-prices"
+    flat = per_call_price(big["model"], "anthropic", "2026-11-10T10:00:00Z", input_tokens=1000)
+    assert anthropic_call(big) > flat * 210 * 1.4      # the long prompt costs more per token
+    assert rows["gpt-4o-mini-2024-07-18"]["cost_usd"] == pytest.approx(per_call_price(
+        "gpt-4o-mini", "openai", "2026-11-10T12:00:00Z", input_tokens=5000, output_tokens=700,
+        cache_read_tokens=1024), abs=1e-6)      # cost_usd has 6 decimals
+    code, out, err = run("--by", "model", stats=stats, prices=no_overrides)
+    assert "list prices from genai-prices" in " ".join(out.split())
+
+
+def test_override_wins_and_is_named(run, tmp_path: Path, prices_file: Path) -> None:
+    prices_file.write_text(PRICES.replace('- {model: "cheap*"', '- {model: "gpt-4o-mini*", input: 0.1, output: 0.2}\n    - {model: "cheap*"'),
+                           encoding="utf-8")
+    stats = write(tmp_path / "data" / "stats.jsonl", [
+        rec(model="gpt-4o-mini-2024-07-18", input_tokens=1_000_000, output_tokens=1_000_000, cache_read_tokens=0),
+        rec(model="gpt-4.1-nano", owner="bob", input_tokens=10, output_tokens=0, cache_read_tokens=0)])
+    rows = as_json(run("--format", "json", "--by", "owner,model", stats=stats))
+    assert [(r["model"], r["cost_usd"], r["price_source"]) for r in rows] == [
+        ("gpt-4o-mini-2024-07-18", pytest.approx(0.3), str(prices_file)),
+        ("gpt-4.1-nano", pytest.approx(per_call_price("gpt-4.1-nano", "openai", "2026-11-10T10:00:00Z",
+                                                      input_tokens=10)), "genai-prices")]
+    [both] = as_json(run("--format", "json", "--by", "", stats=stats))
+    assert both["price_source"] == "+".join(sorted(["genai-prices", str(prices_file)]))
+    code, out, err = run("--format", "csv", "--by", "model", stats=stats)
+    assert f"lmgate report: priced by {prices_file}: gpt-4o-mini-2024-07-18 (openai)" in err
 
 
 # ---------------------------------------------------------------- malformed lines
 
-def test_malformed_lines_are_skipped_and_reported(run, tmp_path: Path) -> None:
+def test_malformed_lines_are_skipped_and_reported(run, tmp_path: Path, prices_file: Path) -> None:
     good = rec()
     stats = write(tmp_path / "data" / "stats.jsonl", [
         good,                                                   # 1
@@ -378,53 +465,46 @@ def test_malformed_lines_are_skipped_and_reported(run, tmp_path: Path) -> None:
     lines = err.splitlines()
     assert lines[0] == "lmgate report: skipped 11 malformed lines:"
     assert [ln.split(":")[1] for ln in lines[1:11]] == ["2", "4", "5", "6", "7", "8", "9", "10", "11", "12"]
-    assert lines[11] == "  ... and 1 more" and len(lines) == 12
+    assert lines[11] == "  ... and 1 more"
+    assert lines[12:] == [f"lmgate report: priced by {prices_file}: cheap-1 (openai)"]
     assert f"  {stats}:5: input_tokens is not a non-negative integer or null" in lines
     assert f"  {stats}:8: owner is not a string or null" in lines
 
 
-def test_malformed_line_in_a_big_file_keeps_line_numbers(run, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(scan, "CHUNK_BYTES", 2048)
-    records = [rec(f"2026-11-10T10:{i // 60:02d}:{i % 60:02d}.000Z", input_tokens=i) for i in range(600)]
+def test_malformed_line_in_a_big_file_keeps_line_numbers(run, tmp_path: Path) -> None:
+    records = [rec(f"2026-11-10T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}.000Z", input_tokens=i)
+               for i in range(6000)]
     lines_ = [line(r) for r in records]
     lines_[333] = lines_[333][:50] + "\n"
     stats = write(tmp_path / "data" / "stats.jsonl", lines_)
     code, out, err = run("--format", "json", "--by", "provider", stats=stats)
     [row] = json.loads(out)
-    assert row["requests"] == 599 and row["input_tokens"] == sum(range(600)) - 333
+    assert row["requests"] == 5999 and row["input_tokens"] == sum(range(6000)) - 333
     assert f"{stats}:334: not valid JSON" in err and "skipped 1 malformed line:" in err
 
 
-# ---------------------------------------------------------------- the fast path agrees with json.loads
+# ---------------------------------------------------------------- DuckDB agrees with json.loads
 
-def reference(paths: list[Path], by: tuple[str, ...], since: str | None, until: str | None) -> dict:
-    """What the scanner must compute, the slow obvious way."""
+def reference(path: Path, by: tuple[str, ...], since: str | None, until: str | None) -> tuple[dict, int]:
+    """Requests and input tokens per group, and the malformed lines, the slow obvious way."""
     sums: dict[tuple, list[int]] = {}
-    for path in paths:
-        for raw in path.read_bytes().split(b"\n"):
-            try:
-                r = json.loads(raw)
-            except ValueError:
-                continue
-            if not isinstance(r, dict) or not isinstance(r.get("timestamp"), str):
-                continue
-            ts = scan.canonical_ts(r["timestamp"])
-            if ts is None or (since and ts < since) or (until and ts >= until):
-                continue
-            toks = [r.get(k) for k in scan.TOKEN_FIELDS]
-            if any(t is not None and (type(t) is not int or t < 0) for t in toks):
-                continue
-            key = []
-            for name in by + scan.PRICING_FIELDS:
-                key.append(ts[:10] if name == "day" else ts[:13] + ":00Z" if name == "hour" else r.get(name))
-            if any(v is not None and type(v) is not (int if n == "status" else str)
-                   for n, v in zip(by + scan.PRICING_FIELDS, key) if n not in ("day", "hour")):
-                continue
-            acc = sums.setdefault(tuple(key), [0] * 6)
-            acc[0] += 1
-            for i, t in enumerate(toks, 1):
-                acc[i] += t or 0
-    return sums
+    bad = 0
+    for raw in path.read_bytes().split(b"\n"):
+        if query.why_malformed(raw, since, until):
+            bad += 1
+            continue
+        if not raw.strip():
+            continue
+        r = json.loads(raw)
+        ts = query.canonical_ts(r["timestamp"])
+        if (since and ts < since) or (until and ts >= until):
+            continue
+        key = tuple(ts[:10] if name == "day" else ts[:13] + ":00Z" if name == "hour" else r.get(name)
+                    for name in by)
+        acc = sums.setdefault(key, [0, 0])
+        acc[0] += 1
+        acc[1] += r.get("input_tokens") or 0
+    return sums, bad
 
 
 names = st.sampled_from(["alice@example.com", "bob", "zoë@example.com", 'quote"d', "back\\slash",
@@ -439,96 +519,77 @@ records = st.fixed_dictionaries({
     "cache_write_tokens": tokens, "reasoning_tokens": tokens,
 })
 oddities = st.sampled_from([""] * 30 + ["garbage\n", "\n", "[1]\n", '{"timestamp": 5}\n',
-                                        '{"timestamp":"2026-11-02T00:00:00Z","input_tokens":"7"}\n'])
+                                        '{"timestamp":"2026-11-02T00:00:00Z","input_tokens":"7"}\n',
+                                        '{"timestamp":"2026-11-02T00:00:00Z","status":2.5}\n',
+                                        '{"timestamp":"2026-11-02T00:00:00Z","owner":["x"]}\n'])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(items=st.lists(st.tuples(records, oddities, st.booleans()), min_size=1, max_size=120),
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(items=st.lists(st.tuples(records, oddities, st.booleans()), min_size=1, max_size=80),
        by=st.sampled_from([("owner",), ("day", "status"), ("hour", "lmgate_id", "model"), ()]),
        window=st.sampled_from([(None, None), ("2026-11-02T00:00:00", None), (None, "2026-11-04T12:00:00"),
                                ("2026-11-02T05:00:00", "2026-11-03T00:00:00")]),
-       compact=st.booleans(), chunk=st.sampled_from([256, 1024, 1 << 20]))
-def test_fast_path_agrees_with_json_loads(tmp_path: Path, monkeypatch, items, by, window, compact, chunk) -> None:
-    monkeypatch.setattr(scan, "CHUNK_BYTES", chunk)
+       compact=st.booleans())
+def test_duckdb_agrees_with_json_loads(tmp_path: Path, items, by, window, compact) -> None:
     out = []
     for r, odd, odd_first in items:
         ts = f"2026-11-{r['day']:02d}T{r['hour']:02d}:00:00{r['frac']}Z"
         fields = {k: v for k, v in r.items() if k not in ("day", "hour", "frac")}
         text = line(rec(ts, **fields), compact)
         out += [odd, text] if odd_first else [text, odd]
-    path = write(tmp_path / f"s-{len(out)}-{compact}-{chunk}.jsonl", out)
-    scanner = Scanner(by, *window)
-    with open(path, "rb") as f:
-        scanner.scan_stream(f, str(path))
-    assert scanner.sums == reference([path], by, *window)
-    FAST_CHUNKS.append(scanner.fast_chunks)
+    path = write(tmp_path / f"s-{len(out)}-{compact}.jsonl", out)
+    expected, bad = reference(path, by, *window)
+    columns = [{"day": "strftime(timestamp, '%Y-%m-%d')", "hour": "strftime(timestamp, '%Y-%m-%dT%H:00Z')"}
+               .get(name, name) for name in by]
+    with query.open_records(path, *window) as records:
+        got = records.con.execute(
+            f"SELECT {''.join(c + ', ' for c in columns)}count(*), coalesce(sum(input_tokens), 0) "
+            f"FROM records {'GROUP BY ALL' if by else ''}").fetchall()
+        got = {tuple(row[:-2]): [row[-2], row[-1]] for row in got if row[-2]}
+        records.check()
+        assert (got, records.bad_count) == (expected, bad)
+        summed = summarize(records, by, Pricer(None))
+    assert sum(r.requests for r in summed.rows) == sum(v[0] for v in expected.values())
+    assert records.bad_count == bad
 
 
-FAST_CHUNKS: list[int] = []
+# ---------------------------------------------------------------- --sql and export
+
+def test_sql_over_records(run, tmp_path: Path) -> None:
+    stats = write(tmp_path / "data" / "stats.jsonl", [
+        rec("2026-11-10T10:00:00.000Z", input_tokens=7), rec("2026-11-11T10:00:00.000Z", owner="bob", input_tokens=5),
+        "garbage\n"])
+    code, out, err = run("--format", "json", "--sql",
+                         "SELECT owner, sum(input_tokens) AS tokens, min(timestamp) AS first FROM records "
+                         "GROUP BY owner ORDER BY owner", stats=stats)
+    assert code == 0 and json.loads(out) == [
+        {"owner": "alice@example.com", "tokens": 7, "first": "2026-11-10T10:00:00Z"},
+        {"owner": "bob", "tokens": 5, "first": "2026-11-11T10:00:00Z"}]
+    assert f"{stats}:3: not valid JSON" in err
+    code, out, err = run("--format", "csv", "--since", "2026-11-11", "--sql",
+                         "SELECT owner, status, stream FROM records", stats=stats)
+    assert out == "owner,status,stream\nbob,200,False\n"
+    code, out, err = run("--sql", "SELECT count(*) AS n FROM records", stats=stats)
+    assert out.split() == ["n", "2"]
+    code, out, err = run("--sql", "SELEKT 1", stats=stats)
+    assert code == 2 and err.splitlines()[-1].startswith("lmgate report: --sql: Parser Error")
+    code, out, err = run("--format", "json", "--sql", "SELECT count(*) AS n FROM records",
+                         stats=tmp_path / "empty" / "stats.jsonl")     # no stats yet
+    assert code == 0 and json.loads(out) == [{"n": 0}]
 
 
-def test_fast_path_was_exercised_above() -> None:
-    if not FAST_CHUNKS:
-        pytest.skip("runs after test_fast_path_agrees_with_json_loads")
-    assert sum(FAST_CHUNKS) > 0
-
-
-def test_a_bad_key_late_in_a_chunk_leaves_no_trace(tmp_path: Path, monkeypatch) -> None:
-    """The fast path adds rows before it meets a malformed group value; it must take them back."""
-    monkeypatch.setattr(scan, "CHUNK_BYTES", 8192)
-    records = [line(rec(owner=f"o{i % 3}", input_tokens=i)) for i in range(100)]
-    records[77] = line(rec(owner=42))
-    records[78] = line(rec(owner="new-owner", input_tokens=5))
-    path = write(tmp_path / "s.jsonl", records)
-    scanner = Scanner(("owner",))
-    with open(path, "rb") as f:
-        scanner.scan_stream(f, str(path))
-    assert scanner.fast_chunks and scanner.slow_chunks == 1
-    assert scanner.sums == reference([path], ("owner",), None, None)
-    assert scanner.bad_samples == [(str(path), 78, "owner is not a string or null")]
-
-
-def test_fast_token_columns_take_only_plain_counts() -> None:
-    p = b'input_tokens":'
-    assert scan._int_column([p + b"5", p + b"null", p + b"12"], p, 3) == [5, 0, 12]
-    for odd in (b"1e5", b"-1", b"true", b"05", b"", b'"5"', b"5.0", b"1_000", b" 5"):
-        assert scan._int_column([p + b"5", p + odd], p, 2) is None, odd
-    assert scan._int_column([p + b"5", b'total_tokens":3'], p, 2) is None
-
-
-@pytest.mark.parametrize("by", [("owner", "day"), ("provider",), GROUP_FIELDS])
-def test_fast_path_takes_the_writers_records(tmp_path: Path, monkeypatch, by: tuple[str, ...]) -> None:
-    """Only speed depends on this: ordinary records, nulls included, never need the careful path."""
-    monkeypatch.setattr(scan, "CHUNK_BYTES", 4096)
-    denied = dict(owner=None, lmgate_id=None, model=None, status=403, error_type="forbidden",
-                  input_tokens=None, output_tokens=None, cache_read_tokens=None, total_tokens=None)
-    records = [rec(f"2026-11-10T10:00:{i % 60:02d}.{i % 1000:03d}Z", input_tokens=i, reasoning_tokens=i % 3 or None)
-               if i % 4 else rec("2026-11-10T11:00:00.000Z", **denied) for i in range(200)]
-    for compact in (True, False):
-        path = write(tmp_path / f"s{compact}.jsonl", records, compact)
-        scanner = Scanner(by)
-        with open(path, "rb") as f:
-            scanner.scan_stream(f, "x")
-        assert scanner.fast_chunks > 5 and scanner.slow_chunks == 0
-        assert scanner.sums == reference([path], by, None, None)
-
-
-def test_parallel_ranges_give_the_same_result(tmp_path: Path, monkeypatch) -> None:
-    data = tmp_path / "data"
-    write(data / "stats.20261105T000000Z.jsonl",
-          [rec(f"2026-11-0{1 + i % 4}T10:00:00.000Z", owner=f"o{i % 7}", input_tokens=i) for i in range(400)]
-          + ["torn {\n"] + [rec(owner="late")] * 50)
-    write(data / "stats.jsonl", [rec("2026-11-06T00:00:00.000Z", input_tokens=i) for i in range(300)] + ['{"x":'])
-    monkeypatch.setattr(scan, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(scan, "RANGE_BYTES", 5000)
-    results = []
-    for workers in (1, 3):
-        scanner = Scanner(("owner", "day"), since="2026-11-02T00:00:00")
-        assert scanner.scan(data / "stats.jsonl", workers=workers)
-        results.append((scanner.sums, scanner.bad_count, scanner.bad_samples))
-    assert results[0] == results[1]
-    assert results[0][2] == [(str(data / "stats.20261105T000000Z.jsonl"), 401, "not valid JSON"),
-                             (str(data / "stats.jsonl"), 301, "not valid JSON (incomplete last line)")]
+def test_export_parquet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stats = write(tmp_path / "data" / "stats.jsonl", [
+        rec("2026-11-10T10:00:00.000Z"), rec("2026-11-11T10:00:00.000Z", owner="bob"), "torn {"])
+    parser = argparse.ArgumentParser()
+    command.add_export_arguments(parser)
+    target = tmp_path / "out.parquet"
+    assert command.run_export(parser.parse_args(["--parquet", str(target), "--since", "2026-11-11"]),
+                              stats) == 0
+    err = capsys.readouterr().err
+    assert "wrote 1 records to" in err and f"{stats}:3: not valid JSON (incomplete last line)" in err
+    rows = query.connect().execute(f"SELECT owner, input_tokens, timestamp FROM '{target}'").fetchall()
+    assert rows == [("bob", 10, dt.datetime(2026, 11, 11, 10, tzinfo=dt.timezone.utc))]
 
 
 # ---------------------------------------------------------------- output formats
@@ -539,7 +600,7 @@ def test_json_and_csv_columns_are_stable(run, tmp_path: Path) -> None:
         fields = by.split(",")
         rows = as_json(run("--format", "json", "--by", by, stats=stats))
         assert rows and all(list(r) == fields + COUNTER_KEYS for r in rows)
-        assert all(type(r[k]) is int for r in rows for k in COUNTER_KEYS[:-1])
+        assert all(type(r[k]) is int for r in rows for k in COUNTER_KEYS[:-2])
         code, out, _ = run("--format", "csv", "--by", by, stats=stats)
         table = list(csv.reader(io.StringIO(out)))
         assert table[0] == fields + COUNTER_KEYS and len(table) == len(rows) + 1
@@ -660,3 +721,35 @@ def test_bench_script_smoke() -> None:
     assert "generated 20,000 records in " in done.stdout
     assert " records/s" in done.stdout and "peak memory (ru_maxrss): report process " in done.stdout
     assert "check: 20,000 requests counted for 20,000 records written: ok" in done.stdout
+
+
+def test_prices_never_go_to_the_network(run, tmp_path: Path, monkeypatch) -> None:
+    """genai-prices' bundled data only: its updater (the one thing in it that fetches) never starts."""
+    from genai_prices import update_prices
+
+    def no_network(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("genai-prices tried to fetch prices")
+
+    monkeypatch.setattr(update_prices.UpdatePrices, "start", no_network)
+    monkeypatch.setattr(update_prices.UpdatePrices, "fetch", no_network)
+    stats = write(tmp_path / "data" / "stats.jsonl", [rec(model="gpt-4o-mini-2024-07-18")])
+    rows = as_json(run("--format", "json", "--by", "model", stats=stats))
+    assert rows[0]["price_source"] == "genai-prices" and rows[0]["cost_usd"] > 0
+    from genai_prices import data_snapshot
+    assert data_snapshot.get_snapshot().from_auto_update is False
+
+
+def test_report_reads_only_the_stats_and_report_settings(tmp_path: Path, capsys) -> None:
+    """A setting the report does not use cannot stop it; one it uses still does."""
+    from lmgate import cli
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "prices.yaml").write_text(PRICES, encoding="utf-8")
+    write(tmp_path / "data" / "stats.jsonl", [rec()])
+    config = folder / "lmgate.yaml"
+    config.write_text("proxy:\n  port: 0\n  nginx_binary: /nonexistent\nserver:\n  port: http\n", encoding="utf-8")
+    assert cli.run(["report", "--config", str(config), "--format", "json", "--by", "owner"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["requests"] == 1
+    config.write_text("stats:\n  output_path: 7\n  rotate_bytes: many\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="stats.rotate_bytes"):
+        cli.run(["report", "--config", str(config)])

@@ -16,7 +16,7 @@ import pytest
 
 import lmgate.writer as writer_mod
 from lmgate.writer import StatsWriter, rotated_name
-from tests.support.eventually import eventually
+from tests.support.wait import wait_until_async
 
 pytestmark = pytest.mark.unit
 
@@ -441,7 +441,7 @@ async def test_flush_forever_calls_on_flushed(tmp_path):
     w.on_flushed = lambda: calls.append(1)
     task = asyncio.create_task(w.flush_forever())
     try:
-        assert await eventually(lambda: len(calls) >= 3)
+        await wait_until_async(lambda: len(calls) >= 3, 2, "three flushes")
     finally:
         task.cancel()
 
@@ -454,7 +454,7 @@ async def test_flush_forever_writes_periodically(tmp_path):
     task = asyncio.create_task(w.flush_forever())
     try:
         w.add(rec(1))
-        await eventually(lambda: path.exists() and bool(path.read_bytes()))
+        await wait_until_async(lambda: path.exists() and bool(path.read_bytes()), 2, "the first flush")
         assert lines(path) == [rec(1)]
     finally:
         task.cancel()
@@ -471,6 +471,7 @@ async def test_flush_forever_survives_a_surprise(tmp_path, monkeypatch):
     monkeypatch.setattr(w, "flush", boom)
     task = asyncio.create_task(w.flush_forever())
     try:
-        assert await eventually(lambda: len(calls) >= 3) and not task.done()
+        await wait_until_async(lambda: len(calls) >= 3, 2, "three flushes")
+        assert not task.done()
     finally:
         task.cancel()

@@ -56,7 +56,7 @@ def test_realtime_response_done(status, error_type):
 
 def test_responses_websocket_two_responses_and_a_cut_one():
     t, records = tracker(endpoint="/openai/v1/responses")
-    for n in range(2):
+    for _ in range(2):
         t.from_upstream(frame({"type": "response.created", "response": {"model": "gpt-5-2025-08-07", "usage": None}}))
         t.from_upstream(frame({"type": "response.output_text.delta", "delta": "hi"}))
         t.from_upstream(frame({"type": "response.completed",
