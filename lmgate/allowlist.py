@@ -45,16 +45,6 @@ class Entry:
     line: int
 
 
-def hash_key(key: str) -> str:
-    """The `sha256:<hex>` form of a key, as `lmgate hash-key` prints it."""
-    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def mask_key(key: str) -> str:
-    """The only form of a key that may be logged or recorded: its last 6 characters."""
-    return "..." + key[-6:] if len(key) > 12 else "..."
-
-
 class AllowList:
     """An immutable, fully parsed allow-list. Replace it whole; never mutate it.
 

@@ -5,8 +5,8 @@ Endpoints (never exposed through nginx's public port):
 - GET  /livez   the process answers.
 - GET  /readyz  the allow-list is loaded, the stats file's folder is writable, the spool is read,
                 and nginx's calls reach it (lmgate/readiness.py).
-Records come from the spool folder that nginx appends to (lmgate/spool.py), read in batches off
-the request path.
+Records come from the spool folder that nginx appends to, off the request path (lmgate/pipeline.py);
+WebSocket APIs pass through a relay (lmgate/ws_relay.py).
 """
 
 from __future__ import annotations
@@ -14,60 +14,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from typing import AsyncIterator
 from urllib.parse import quote
 
 from aiohttp import web
 
-from lmgate import records, ws_relay
-from lmgate.allowlist import AllowListHolder, mask_key
-from lmgate.readiness import SPOOL_WORD as READINESS_WORD
-from lmgate.readiness import ReadinessProbe
-from lmgate.keys import KeyProblem, extract_key
-from lmgate.refusals import RefusalFolder
+from lmgate import pipeline, records, ws_relay
+from lmgate.allowlist import AllowListHolder
+from lmgate.keys import KeyProblem, extract_key, mask_key
+from lmgate.pipeline import READER_TASK, READINESS, SPOOL, WRITER
 from lmgate.settings import Settings, size_bytes
-from lmgate.spool import SpoolReader
-from lmgate.writer import StatsWriter, request_ids_after
 
 log = logging.getLogger("lmgate.sidecar")
 
 SETTINGS = web.AppKey("settings", Settings)
 ALLOWLIST = web.AppKey("allowlist", AllowListHolder)
-WRITER = web.AppKey("writer", StatsWriter)
 
-# Spool lines turned into records before the loop serves anything else (a few milliseconds).
-BATCH = 128
-# Seconds between looks at the spool: short while calls are coming in, so that the sidecar's
-# turns on a core it shares with nginx stay short and evenly spread (streams at 64 connections:
-# p90 15 ms with 50 ms turns, 12 ms with 5 ms ones); every 50 ms once idle for a second.
-SPOOL_POLL_SECONDS = 0.005
-SPOOL_IDLE_POLL_SECONDS = 0.05
-SPOOL_IDLE_AFTER_SECONDS = 1.0
-# Records held for the stats file past which the spool is left unread (the disk refuses writes):
-# the lines wait in the spool, where they are safe, instead of in memory.
-MAX_PENDING_RECORDS = 100_000
-# Seconds a stopping sidecar keeps reading the spool before its final flush.
-SHUTDOWN_READ_SECONDS = 2.0
 # Kept as they are (besides letters, digits and "-._~") in the id and owner headers: nginx copies
 # them into the spool line unescaped, where these are harmless, and most owners are e-mail
 # addresses that then need no percent-decoding per record.
 HEADER_SAFE = "@+"
 # Seconds a cached "yes" past auth.cache_seconds is still used while nginx asks the sidecar again
-# in the background: a busy key never waits for the sidecar when its entry expires. Without it,
-# every call that came in while the first one refreshed the entry also went to the sidecar and
-# waited in its queue, once a second (under load: plain p99 19 -> 13 ms, 3 % more calls/s).
+# in the background: a busy key never queues at the sidecar when its entry expires
+# (docs/performance-history.md).
 AUTH_REFRESH_SECONDS = 1
 _AUTH_CACHE_CONTROL = f"stale-while-revalidate={AUTH_REFRESH_SECONDS}"
 # Header through which nginx hands the original request's URI (for the `key` parameter) to /auth.
 QUERY_HEADER = "X-LMGate-Query"
-
-# Seconds after a refusal window's end before its folded record is written (lmgate/refusals.py).
-REFUSAL_LINES_LATE_SECONDS = 3.0
-
-SPOOL = web.AppKey("spool", SpoolReader)
-SPOOL_TASK = web.AppKey("spool_task", asyncio.Task)
-
 
 async def auth(request: web.Request) -> web.Response:
     # The answer has no body: nginx never reads an auth subrequest's body, and one would cost it
@@ -108,7 +81,7 @@ async def readyz(request: web.Request) -> web.Response:
     if writer.last_error:
         problems.append(f"stats: {writer.last_error}")
     spool = app[SPOOL]
-    if app[SPOOL_TASK].done():
+    if app[READER_TASK].done():
         problems.append("spool: the reader has stopped")
     if spool.last_error:
         problems.append(f"spool: {spool.last_error}")
@@ -131,119 +104,11 @@ def _writable_folder(folder) -> bool:
     return existing.is_dir() and os.access(existing, os.W_OK)
 
 
-class _Recorder:
-    """Spool line -> record -> stats writer, skipping calls already in the stats file and folding
-    floods of refused calls (lmgate/refusals.py)."""
-
-    def __init__(self, writer: StatsWriter, readiness: ReadinessProbe) -> None:
-        self.writer = writer
-        self.readiness = readiness
-        self.skip: set[str] = set()
-        self.refusals = RefusalFolder(writer.add)
-
-    def __call__(self, line: bytes) -> None:
-        meta, body = records.load_line(line)
-        if meta.get("err") == READINESS_WORD:
-            self.readiness.seen(meta.get("u", ""))
-            return
-        record = records.from_meta(meta, body, time.time())
-        if self.skip and record["request_id"] in self.skip:
-            self.skip.discard(record["request_id"])
-            return
-        if record["error_type"] is None or self.refusals.keep(record, meta.get("ra", ""),
-                                                              records.ended_at(meta, time.time())):
-            self.writer.add(record)
-
-
-RECORDER = web.AppKey("recorder", _Recorder)
-READINESS = web.AppKey("readiness", ReadinessProbe)
-
-
-async def _read_spool(app: web.Application) -> None:
-    spool, writer, refusals, readiness = app[SPOOL], app[WRITER], app[RECORDER].refusals, app[READINESS]
-    loop = asyncio.get_running_loop()
-    lines_came = loop.time()
-    folds_due = 0.0
-    while True:
-        if refusals.windows and loop.time() >= folds_due:
-            # Lines reach the spool up to a few seconds after their call ended.
-            refusals.close_ended(time.time() - REFUSAL_LINES_LATE_SECONDS)
-            folds_due = loop.time() + 1
-        if writer.buffered >= MAX_PENDING_RECORDS:
-            await asyncio.sleep(SPOOL_IDLE_POLL_SECONDS)
-            continue
-        try:
-            done = spool.read(BATCH)
-            if writer.flush_due:  # between reads, never inside one: its checkpoint deletes spool files
-                writer.flush()
-        except Exception:  # the reader must outlive any surprise; the lines stay in the spool
-            log.exception("spool: reading failed")
-            done = 0
-        if done:
-            lines_came = loop.time()
-        if done == BATCH:  # more may be waiting: read on once the loop has served the rest
-            await asyncio.sleep(0)
-            continue
-        # The spool's end was reached.
-        readiness.reader_at_end = loop.time()
-        idle = loop.time() - lines_came >= SPOOL_IDLE_AFTER_SECONDS
-        await asyncio.sleep(SPOOL_IDLE_POLL_SECONDS if idle else SPOOL_POLL_SECONDS)
-
-
-async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
-    s = app[SETTINGS].stats
-    try:
-        s.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        log.error("cannot create the spool folder %s: %s", s.spool_dir, exc.strerror or exc)
-    writer = StatsWriter(s.output_path, s.rotate_bytes, s.flush_interval_seconds)
-    app[WRITER] = writer
-    # The spool reader lives with the writer: its checkpoint follows the writer's flushes, the
-    # last one at shutdown included (spool_ctx only drives the reading).
-    readiness = app[READINESS] = ReadinessProbe(s.spool_dir.resolve())
-    recorder = app[RECORDER] = _Recorder(writer, readiness)
-    spool = app[SPOOL] = SpoolReader(s.spool_dir, recorder, _max_spool_line(app[SETTINGS]))
-    # Records written after the last checkpoint (the previous sidecar was killed between a flush
-    # and its checkpoint): their lines come again, and are skipped.
-    recorder.skip = request_ids_after(s.output_path, spool.stats_mark)
-    if recorder.skip:
-        log.warning("spool: %d calls were recorded after the last checkpoint; their lines are skipped",
-                    len(recorder.skip))
-    # The spool may forget lines only once their records are on disk.
-    writer.on_flushed = lambda: spool.commit(stats_mark=writer.mark())
-    task = asyncio.create_task(writer.flush_forever())
-    yield
-    task.cancel()
-    if not writer.flush():
-        log.error("%d stats records could not be written at shutdown; their calls stay in the spool",
-                  writer.buffered)
-    spool.close()
-
-
 async def allowlist_ctx(app: web.Application) -> AsyncIterator[None]:
-    holder = app[ALLOWLIST]
-    task = asyncio.create_task(holder.poll_forever())
-    yield
-    task.cancel()
-
-
-async def readiness_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[READINESS].run_forever())
+    task = asyncio.create_task(app[ALLOWLIST].poll_forever())
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-
-
-async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = app[SPOOL_TASK] = asyncio.create_task(_read_spool(app))
-    yield
-    task.cancel()
-    # What nginx wrote up to now becomes records before the final flush (for at most a few
-    # seconds: the rest waits in the spool for the next start).
-    deadline = time.monotonic() + SHUTDOWN_READ_SECONDS
-    while app[SPOOL].read(BATCH * 8) and time.monotonic() < deadline:
-        pass
-    app[RECORDER].refusals.close_all()
 
 
 def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web.Application:
@@ -252,12 +117,8 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app[SETTINGS] = settings
     app[ALLOWLIST] = holder or AllowListHolder(settings.auth.allowlist_path,
                                                settings.auth.poll_interval_seconds)
-    # Order matters for shutdown (cleanup runs in reverse): the spool is read to its end, then
-    # the writer flushes.
-    app.cleanup_ctx.append(writer_ctx)
+    pipeline.setup(app, settings)
     app.cleanup_ctx.append(allowlist_ctx)
-    app.cleanup_ctx.append(spool_ctx)
-    app.cleanup_ctx.append(readiness_ctx)
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
@@ -270,13 +131,6 @@ def request_limits(settings: Settings) -> dict[str, int]:
     """aiohttp's header limits, at least as large as what nginx lets through to /auth."""
     line = max(size_bytes(settings.proxy.max_header_size), 8190) * 2
     return {"max_line_size": line, "max_field_size": line, "max_headers": 4096}
-
-
-def _max_spool_line(settings: Settings) -> int:
-    """The longest line nginx can write: the capture in base64, a path up to the header limit
-    (escaped: at most doubled), and a bounded rest."""
-    capture = settings.stats.capture_head_bytes + settings.stats.capture_tail_bytes
-    return capture * 4 // 3 + 2 * size_bytes(settings.proxy.max_header_size) + 65536
 
 
 def serve(settings: Settings) -> None:

@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from lmgate.allowlist import AllowListError, hash_key, load_allowlist
+from lmgate.allowlist import AllowListError, load_allowlist
+from lmgate.keys import hash_key
 from lmgate.nginx_conf import RenderError, write_config
 from lmgate.settings import DEFAULT_CONFIG, ConfigError, Settings, load_settings
 
@@ -138,10 +139,10 @@ def run(argv: list[str] | None = None) -> int:
         serve(settings)
         return 0
     if args.command == "up":
-        from lmgate.local import Up
+        from lmgate.supervisor import Up
         return Up(settings, settings.source).run()
     if args.command == "nginx":
-        from lmgate.local import run_nginx
+        from lmgate.supervisor import run_nginx
         return run_nginx(settings)
     if args.command == "render-nginx":
         out = write_config(settings, args.out, args.runtime_dir)
@@ -161,7 +162,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lmgate.local import StartError
+    from lmgate.supervisor import StartError
     try:
         code = run(argv)
     except (ConfigError, AllowListError, RenderError, StartError) as exc:

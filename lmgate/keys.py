@@ -1,12 +1,24 @@
-"""Finding the caller's API key in a request, in every place a provider reads one from."""
+"""API keys: the one a request carries (in every place a provider reads one from), and the only
+forms of a key LMGate shows or stores (masked, hashed)."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Mapping
 from urllib.parse import unquote_plus
 
 from lmgate.providers import KEY_HEADERS, KEY_PARAMS
+
+
+def hash_key(key: str) -> str:
+    """The `sha256:<hex>` form of a key, as `lmgate hash-key` prints it."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def mask_key(key: str) -> str:
+    """The only form of a key that may be logged or recorded: its last 6 characters."""
+    return "..." + key[-6:] if len(key) > 12 else "..."
 
 
 class KeyProblem(Exception):

@@ -23,7 +23,7 @@ from lmgate.readiness import SOCKET_NAME as READINESS_SOCKET_NAME
 from lmgate.permissions import User, usable, user_named
 from lmgate.providers import KEY_HEADERS, KEY_PARAMS, PROVIDERS, STREAM_USAGE_PATHS, error_body
 from lmgate.settings import Settings
-from lmgate.spool import SPOOL_PREFIX, SPOOL_SUFFIX
+from lmgate.spool import NGINX_CLOSE_SECONDS, SPOOL_PREFIX, SPOOL_SUFFIX
 
 NGINX_DIR = Path(__file__).resolve().parent.parent / "nginx"
 # nginx's njs module, where Debian, the nginx.org packages and source builds put it.
@@ -116,8 +116,17 @@ def _nginx_path(path: str, setting: str) -> str:
     return '"' + str(Path(path).absolute()).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _spool_log(settings: Settings) -> str:
-    return f"{settings.stats.spool_dir.resolve()}/{SPOOL_PREFIX}$lmgate_spool_slot{SPOOL_SUFFIX}"
+def _snippet(name: str, values: dict[str, str], indent: str = "") -> str:
+    """A small template of nginx/ (its comment lines dropped), filled, its lines after the first
+    indented to stand where its placeholder stands."""
+    lines = [line for line in (NGINX_DIR / name).read_text().splitlines() if not line.startswith("#")]
+    return _fill(("\n" + indent).join(lines), values)
+
+
+def _spool_access_log(settings: Settings) -> str:
+    """The access_log lines of every location that writes a spool line."""
+    path = f"{settings.stats.spool_dir.resolve()}/{SPOOL_PREFIX}$lmgate_spool_slot{SPOOL_SUFFIX}"
+    return _snippet("spool_access_log.conf.template", {"SPOOL_LOG": path}, " " * 12)
 
 
 def _provider_block(template: str, name: str, upstream: str, settings: Settings) -> str:
@@ -150,7 +159,7 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
         "CA_BUNDLE": str(settings.proxy.ca_bundle),
         "UPSTREAM_CONNECT_TIMEOUT": _seconds(settings.proxy.upstream_connect_timeout_seconds),
         "UPSTREAM_READ_TIMEOUT": _seconds(settings.proxy.upstream_read_timeout_seconds),
-        "SPOOL_LOG": _spool_log(settings),
+        "SPOOL_ACCESS_LOG": _spool_access_log(settings),
         "DROP_HEADERS": "\n".join(f'            proxy_set_header {h} "";' for h in LMGATE_HEADERS),
     })
     values["STREAM_USAGE_LOCATIONS"] = _stream_usage_locations(name, settings, values)
@@ -265,7 +274,9 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "SPOOL_DIR": str(settings.stats.spool_dir.resolve()),
         "READINESS_SOCKET": str(readiness_socket(settings)),
         "READINESS_PATH": READINESS_PATH,
-        "SPOOL_LOG": _spool_log(settings),  # the canary and readiness locations'
+        "SPOOL_ACCESS_LOG": _spool_access_log(settings),  # the canary and readiness locations'
+        "SPOOL_LINE": _snippet("spool_line.conf.template", {}, " " * 8),
+        "SPOOL_CLOSE_SECONDS": str(NGINX_CLOSE_SECONDS),
         "AUTH_TIMEOUT": f"{settings.server.auth_timeout_ms}ms",
         "AUTH_CACHE_ZONE": _auth_cache_zone(settings, temp_dir),
         "AUTH_CACHE": _auth_cache(settings),
@@ -334,7 +345,7 @@ def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None,
 
 def remove_stale_socket(settings: Settings) -> None:
     """Before nginx starts: a socket left by an nginx that was killed would make it fail to listen.
-    Never while an nginx of this gate runs (lmgate.local.lock_runtime_dir)."""
+    Never while an nginx of this gate runs (lmgate.supervisor.lock_runtime_dir)."""
     path = readiness_socket(settings)
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):

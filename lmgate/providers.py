@@ -50,6 +50,31 @@ STREAM_USAGE_PATHS: dict[str, tuple[str, ...]] = {
 }
 
 
+def answer_format(api: str, provider_path: str) -> str:
+    """The format of an answer to a call for a provider of `api`: that API's, except Claude on
+    Vertex AI (`.../publishers/anthropic/models/...` under the google prefix), which answers in
+    Anthropic's."""
+    if api == "google" and "/publishers/anthropic/" in provider_path:
+        return "anthropic"
+    return api
+
+
+def provider_answer_format(provider: str, provider_path: str) -> str:
+    """answer_format for a provider prefix (an unknown one answers in OpenAI's format)."""
+    p = PROVIDERS.get(provider)
+    return answer_format(p.api, provider_path) if p is not None else "openai"
+
+
+# Google's streaming methods (`...:streamGenerateContent`, Claude on Vertex `...:streamRawPredict`).
+GOOGLE_STREAM_METHODS = frozenset({"streamGenerateContent", "streamRawPredict"})
+
+
+def is_stream(provider_path: str, content_type: str) -> bool:
+    """The answer is streamed: SSE, or one of Google's streaming methods (a JSON array)."""
+    method = provider_path.rsplit(":", 1)[1] if ":" in provider_path else ""
+    return "event-stream" in (content_type or "").lower() or method in GOOGLE_STREAM_METHODS
+
+
 def error_body(api: str, status: int, message: str, kind: str) -> str:
     """A JSON error in the provider's own shape, so each SDK raises its usual exception.
 

@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import orjson
 import pybase64
 
-from lmgate.providers import PROVIDERS
+from lmgate.providers import is_stream, provider_answer_format
 from lmgate.usage import STREAM_ERROR, Usage, extract_usage, model_from_path
 
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
@@ -114,16 +114,6 @@ def _provider_path(endpoint: str, provider: str) -> str:
     return endpoint[len(prefix):] if endpoint.startswith(prefix + "/") else endpoint
 
 
-def _api_for(provider: str, provider_path: str) -> str:
-    p = PROVIDERS.get(provider)
-    if p is None:
-        return "openai"
-    # Claude on Vertex AI answers in Anthropic's format through the google prefix.
-    if p.api == "google" and "/publishers/anthropic/" in provider_path:
-        return "anthropic"
-    return p.api
-
-
 # How each format's answer ends; seen in the last bytes of a body, the provider had finished.
 _ENDINGS = {
     "openai": (b"[DONE]", b'"response.completed"', b'"response.incomplete"', b'"response.failed"'),
@@ -136,7 +126,7 @@ def _cut_usage(meta: dict[str, str], api: str, provider_path: str, status: int, 
                tail: bytes | None) -> tuple[Usage, bool]:
     """What the body of a call that did not end normally says (or what the path says), and
     whether that body is in fact the provider's complete answer."""
-    stream = ":stream" in provider_path or "event-stream" in meta.get("ct", "")
+    stream = is_stream(provider_path, meta.get("ct", ""))
     if head and (status < 400 or status == 499):
         usage = extract_usage(api, provider_path, 200, meta.get("ct", ""), head, tail)
         body_end = (tail if tail is not None else head)[-1024:]
@@ -207,7 +197,7 @@ def from_meta(meta: dict[str, str], body: bytes, received_at: float) -> dict[str
     provider = meta.get("p", "")
     path = meta.get("u", "").split("?", 1)[0]
     provider_path = _provider_path(path, provider)
-    api = _api_for(provider, provider_path)
+    api = provider_answer_format(provider, provider_path)
     status = _int(meta.get("s"))
     response_bytes, flags, head, tail = _body(meta, body)
     nginx_error = meta.get("err") or None

@@ -2,7 +2,7 @@
 
 nginx quotes the request line (with its query string) and, at info level, raw header lines; an
 HTTP library may quote an over-long header in its error. Everything that looks like a credential
-is reduced to its last 6 characters, the same as `allowlist.mask_key`.
+is reduced to its last 6 characters, the same as `keys.mask_key`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 
-from lmgate.allowlist import mask_key
+from lmgate.keys import mask_key
 
 # A whole query string: a key can hide behind any parameter name, encoded or not (ke%79=...),
 # and behind any character but the ASCII space, which nginx (>= 1.21.1) refuses in a request line;

@@ -8,7 +8,7 @@ saves how far it got (`.checkpoint.json`) and deletes the files it has finished.
 deleted once their records are on disk, so a sidecar that stops, crashes or falls behind loses
 nothing: it resumes from the checkpoint. The checkpoint also marks how long the stats file was:
 a sidecar killed between a flush and its checkpoint finds that flush's records past the mark at
-its next start, and skips their lines instead of recording them twice (lmgate/app.py).
+its next start, and skips their lines instead of recording them twice (lmgate/pipeline.py).
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ log = logging.getLogger("lmgate.spool")
 SPOOL_PREFIX = "calls-"
 SPOOL_SUFFIX = ".jsonl"
 SLOT_SECONDS = 1    # nginx.conf.template's $lmgate_spool_slot: $msec without its fraction
-# A slot's file is finished this long after the slot began: after nginx has closed it (1 s after
-# its last line), and soon enough that it is deleted before the kernel writes it to disk
-# (docs/performance-history.md, "Notes moved from code comments").
-DONE_AFTER_SECONDS = SLOT_SECONDS + 3
+# nginx closes a slot's file this long after its last line (nginx.conf.template's
+# open_log_file_cache), before the sidecar deletes it.
+NGINX_CLOSE_SECONDS = 1
+# A slot's file is finished this long after the slot began: after nginx has closed it, and soon
+# enough that it is deleted before the kernel writes it to disk (docs/performance-history.md,
+# "Notes moved from code comments").
+DONE_AFTER_SECONDS = SLOT_SECONDS + NGINX_CLOSE_SECONDS + 2
 CHECKPOINT_NAME = ".checkpoint.json"
 STATS_MARK = "stats"  # the checkpoint's entry for the stats file; never a spool file's name
 # Bytes asked of each read: below glibc's 128 KiB mmap threshold, as every read allocates the

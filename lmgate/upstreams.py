@@ -2,7 +2,7 @@
 
 nginx resolves an `upstream` server's name once, when it loads its config, and refuses the whole
 config when one name does not resolve: one provider's DNS hiccup at boot would keep every provider
-down. So the supervisor (lmgate/local.py) resolves each host first and renders a provider whose host
+down. So the supervisor (lmgate/supervisor.py) resolves each host first and renders a provider whose host
 does not resolve with its upstream marked down (lmgate/nginx_conf.py): its calls get a 502 in its
 own error shape, recorded as `upstream_unreachable`, until the name resolves and nginx is reloaded.
 """

@@ -20,6 +20,8 @@ from urllib.parse import unquote
 
 import orjson
 
+from lmgate.providers import answer_format, is_stream
+
 __all__ = ["CAPTURE_TRUNCATED", "STREAM_ERROR", "USAGE_MISSING", "Usage", "extract_usage", "websocket_counts"]
 
 USAGE_MISSING = "usage_missing"
@@ -68,7 +70,6 @@ _DECODER = json.JSONDecoder()
 
 _OPENAI_GENERATION = ("/chat/completions", "/completions", "/responses", "/embeddings")
 _GOOGLE_GENERATION = {"generateContent", "streamGenerateContent", "rawPredict", "streamRawPredict"}
-_GOOGLE_STREAM = {"streamGenerateContent", "streamRawPredict"}
 
 
 # ---------------------------------------------------------------- value helpers
@@ -387,9 +388,8 @@ def _extract(api: str, path: str, status: int, content_type: str, head: bytes,
     path = path or ""
     head = head if type(head) is bytes else bytes(head or b"")
     tail = tail if tail is None or type(tail) is bytes else bytes(tail)
-    stream = "text/event-stream" in (content_type or "").lower() or _verb(path) in _GOOGLE_STREAM
-    # Claude on Vertex AI (rawPredict / streamRawPredict) answers in Anthropic's format.
-    fmt = "anthropic" if "/publishers/anthropic/models/" in path else api
+    stream = is_stream(path, content_type)
+    fmt = answer_format(api, path)
     if fmt not in _FORMATS:
         return Usage(stream=stream)
     reader, counts_of, usage_key, model_key, model_pos = _FORMATS[fmt]

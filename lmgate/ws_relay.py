@@ -34,9 +34,8 @@ import orjson
 from aiohttp import web
 
 from lmgate import records
-from lmgate.allowlist import mask_key
-from lmgate.keys import KeyProblem, extract_key
-from lmgate.providers import error_body
+from lmgate.keys import KeyProblem, extract_key, mask_key
+from lmgate.providers import error_body, provider_answer_format
 from lmgate.usage import STREAM_ERROR, USAGE_MISSING, Usage, websocket_counts
 
 log = logging.getLogger("lmgate.ws")
@@ -227,7 +226,7 @@ class Relay:
         provider = request.match_info["provider"]
         raw = request.raw_path[len(PATH_PREFIX) + 1 + len(provider):] or "/"
         path, _, query = raw.partition("?")
-        api = records._api_for(provider, path)
+        api = provider_answer_format(provider, path)
         endpoint = f"/{provider}{path}"
         meta = {"rid": request.headers.get(REQUEST_ID_HEADER) or f"ws-{uuid.uuid4().hex[:16]}",
                 "p": provider, "m": request.method, "id": "", "own": "", "mk": ""}

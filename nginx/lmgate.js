@@ -127,7 +127,7 @@ function everyKeyHeader(r, names) {
 }
 
 // For the record of a refused call (evaluated only then): the masked form of every different
-// credential the request carried, headers first, the way lmgate.allowlist.mask_key masks
+// credential the request carried, headers first, the way lmgate.keys.mask_key masks
 // (the last 6 characters), percent-encoded for the spool line. Needs no sidecar.
 function maskedKeys(r) {
     var names = r.variables.lmgate_key_headers.split(',');

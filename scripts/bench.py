@@ -49,7 +49,7 @@ from pathlib import Path
 
 import yaml
 
-from lmgate.local import http_ok  # run with the interpreter that has LMGate installed
+from lmgate.supervisor import http_ok  # run with the interpreter that has LMGate installed
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config" / "lmgate.yaml"

@@ -36,7 +36,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lmgate.allowlist import mask_key  # noqa: E402
+from lmgate.keys import mask_key  # noqa: E402
 
 CONFIG = REPO / "config" / "lmgate.yaml"
 PROMPT = "Say hello in three words."

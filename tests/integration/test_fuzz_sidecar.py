@@ -26,7 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lmgate import records as records_mod
-from lmgate.allowlist import AllowListHolder, hash_key, mask_key
+from lmgate.allowlist import AllowListHolder
+from lmgate.keys import hash_key, mask_key
 from lmgate.app import create_app
 from lmgate.settings import load_settings
 from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY

@@ -14,10 +14,12 @@ from urllib.parse import quote
 import pytest
 from multidict import CIMultiDict
 
-import lmgate.app
+import lmgate.pipeline
 import lmgate.writer
-from lmgate.allowlist import AllowListHolder, hash_key
-from lmgate.app import SPOOL, create_app
+from lmgate.allowlist import AllowListHolder
+from lmgate.keys import hash_key
+from lmgate.app import create_app
+from lmgate.pipeline import SPOOL
 from lmgate.settings import load_settings
 from lmgate.spool import CHECKPOINT_NAME, SLOT_SECONDS, STATS_MARK
 from tests.support.spool_lines import append, slot, spool_file, spool_line
@@ -429,7 +431,7 @@ async def test_readyz_503_when_the_reader_has_stopped(make_gate, monkeypatch):
     async def gives_up(app):
         return None
 
-    monkeypatch.setattr(lmgate.app, "_read_spool", gives_up)
+    monkeypatch.setattr(lmgate.pipeline, "read_spool", gives_up)
     gate = await make_gate()
     code, body = await gate.wait_ready(lambda c, b: c == 503)
     assert code == 503
@@ -438,8 +440,8 @@ async def test_readyz_503_when_the_reader_has_stopped(make_gate, monkeypatch):
 
 async def test_reading_pauses_while_too_many_records_wait_for_the_disk(make_gate, tmp_path, monkeypatch):
     """While the stats disk refuses writes, the lines wait in the spool, not in memory."""
-    monkeypatch.setattr(lmgate.app, "MAX_PENDING_RECORDS", 10)
-    monkeypatch.setattr(lmgate.app, "BATCH", 5)
+    monkeypatch.setattr(lmgate.pipeline, "MAX_PENDING_RECORDS", 10)
+    monkeypatch.setattr(lmgate.pipeline, "BATCH", 5)
     blocker = tmp_path / "blocked"
     blocker.write_text("")
     gate = await make_gate(stats_path=blocker / "stats.jsonl")
@@ -560,7 +562,7 @@ async def test_records_reach_the_disk_in_pieces_before_the_interval_under_load(m
     gate.write(*lines)
     _, body = await gate.wait_ready(lambda c, b: b["spool_lines_read"] == n)
     on_disk = gate.rids()
-    assert len(on_disk) >= lmgate.app.BATCH, f"only {len(on_disk)} of {n} records on disk"
+    assert len(on_disk) >= lmgate.pipeline.BATCH, f"only {len(on_disk)} of {n} records on disk"
     assert on_disk == [f"p{i}" for i in range(len(on_disk))]
     assert body["stats_buffered"] == n - len(on_disk)
     # The checkpoint is where the flushed records' lines end, not beyond.
@@ -586,7 +588,7 @@ async def test_shutdown_reads_the_lines_the_reader_has_not_reached(make_gate, mo
     async def stalled_reader(app):       # the reader is behind: nothing has been read
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(lmgate.app, "_read_spool", stalled_reader)
+    monkeypatch.setattr(lmgate.pipeline, "read_spool", stalled_reader)
     gate = await make_gate(LMGATE_STATS__FLUSH_INTERVAL_SECONDS="3600")
     gate.write(*(call_line(rid=f"d{i}") for i in range(50)))
     _, ready = await gate.readyz()
@@ -599,16 +601,16 @@ async def test_a_backlog_file_is_recorded_whole_when_a_flush_comes_between_two_b
     """After downtime the spool holds finished files; the reader takes them 128 lines at a time and
     the writer flushes in between. Every line must still be recorded."""
     async def one_batch_then_behind(app):
-        while not app[SPOOL].read(lmgate.app.BATCH):
+        while not app[SPOOL].read(lmgate.pipeline.BATCH):
             await asyncio.sleep(0.01)
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(lmgate.app, "_read_spool", one_batch_then_behind)
-    n = 3 * lmgate.app.BATCH
+    monkeypatch.setattr(lmgate.pipeline, "read_spool", one_batch_then_behind)
+    n = 3 * lmgate.pipeline.BATCH
     gate = await make_gate()
     path = gate.write(*(call_line(rid=f"late{i}") for i in range(n)), slot_start=slot() - OLD)
-    records = await gate.wait_records(lmgate.app.BATCH)
-    assert len(records) == lmgate.app.BATCH
+    records = await gate.wait_records(lmgate.pipeline.BATCH)
+    assert len(records) == lmgate.pipeline.BATCH
     await asyncio.sleep(0.2)                         # several flushes, each followed by a commit
     await gate.client.close()                        # shutdown reads the rest of the spool
     recorded = len(set(gate.rids()))

@@ -7,7 +7,7 @@ import socket
 import urllib.error
 import urllib.request
 
-from lmgate.local import http_ok  # noqa: F401 - the health check the tests share with `lmgate up`
+from lmgate.supervisor import http_ok  # noqa: F401 - the health check the tests share with `lmgate up`
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lmgate.allowlist as allowlist_mod
-from lmgate.allowlist import (AllowListError, AllowListHolder, hash_key, load_allowlist, mask_key,
-                              parse_allowlist)
+from lmgate.allowlist import AllowListError, AllowListHolder, load_allowlist, parse_allowlist
+from lmgate.keys import hash_key, mask_key
 from tests.support.wait import wait_until_async
 
 pytestmark = pytest.mark.unit

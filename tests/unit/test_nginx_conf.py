@@ -14,7 +14,9 @@ pytestmark = pytest.mark.unit
 
 
 def _request_id_formats(text: str) -> list[str]:
-    return re.findall(r"log_format lmgate_spool\w* escape=\w+\n\s*'\{\"rid\":\"([^\"]*)\"", text)
+    """The request id the spool lines carry (both log formats name it), as rendered."""
+    formats = re.findall(r"log_format lmgate_spool\w* escape=\w+ '\{\"rid\":\"\$(\w+)\"", text)
+    return [re.search(rf"map \$pid \${name} {{\s*default \"([^\"]*)\"", text).group(1) for name in formats]
 
 
 def test_each_rendering_gets_its_own_instance_id_in_the_request_id(tmp_path):

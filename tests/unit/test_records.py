@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from lmgate.nginx_conf import render
 from lmgate.readiness import SPOOL_WORD
 from lmgate.records import NGINX_ERRORS, classify, from_spool, iso_utc
+from lmgate.settings import load_settings
 from tests.support.spool_lines import FIELDS, body_flags, capture, capture_field, sidecar_encoded, spool_line
+from tests.unit.conftest import SHIPPED_CONFIG
 
 pytestmark = pytest.mark.unit
 
@@ -73,22 +76,21 @@ GEMINI_STREAM_PATH = "/gemini/v1beta/models/gemini-2.5-pro:streamGenerateContent
 
 # ---------------------------------------------------------------- the line itself
 
-def _log_format_fields(name: str) -> list[str]:
-    template = (REPO / "nginx" / "nginx.conf.template").read_text()
-    block = re.search(rf"log_format {name} escape=\w+\n(.*?);\n", template, re.S)
+def _log_format(name: str) -> str:
+    """The log format as nginx gets it (the rendered config)."""
+    text = render(load_settings(SHIPPED_CONFIG, environ={}), Path("/tmp/lmgate-unit-render"), njs_module=None)
+    block = re.search(rf"log_format {name} escape=\w+ (.*?);\n", text, re.S)
     assert block, f"log_format {name} not found"
-    return re.findall(r'"(\w+)":"', block.group(1))
+    return block.group(1)
 
 
 @pytest.mark.parametrize("name", ["lmgate_spool", "lmgate_spool_escaped"])
 def test_the_test_lines_have_the_fields_of_nginx_log_format(name):
     """The helper these tests build lines with writes what nginx's log format writes."""
-    assert tuple(_log_format_fields(name)) == FIELDS
+    assert tuple(re.findall(r'"(\w+)":"', _log_format(name))) == FIELDS
     meta, tab, capture_text = spool_line(OPENAI_BODY).rpartition(b"\t")
     assert list(json.loads(meta)) == list(FIELDS) and capture_text.count(b":") == 3
-    template = (REPO / "nginx" / "nginx.conf.template").read_text()
-    block = re.search(rf"log_format {name} escape=\w+\n(.*?);\n", template, re.S).group(1)
-    assert block.endswith("}\\t$lmgate_body'"), block[-40:]
+    assert _log_format(name).endswith("}\\t$lmgate_body'"), _log_format(name)[-40:]
 
 
 # ---------------------------------------------------------------- answered calls

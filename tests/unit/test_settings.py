@@ -440,13 +440,13 @@ def test_directory_instead_of_file(tmp_path):
 
 
 def test_up_prints_a_url_a_user_can_open(monkeypatch):
-    import lmgate.local as local
-    monkeypatch.setattr(local.socket, "gethostname", lambda: "gatehost")
-    assert local.client_url("0.0.0.0", 8080) == ("http://127.0.0.1:8080/<provider>/... (from other "
+    import lmgate.supervisor as supervisor
+    monkeypatch.setattr(supervisor.socket, "gethostname", lambda: "gatehost")
+    assert supervisor.client_url("0.0.0.0", 8080) == ("http://127.0.0.1:8080/<provider>/... (from other "
                                                  "machines: http://gatehost:8080/<provider>/...)")
-    assert local.client_url("10.1.2.3", 9090) == "http://10.1.2.3:9090/<provider>/..."
-    assert local.client_url("::1", 9090) == "http://[::1]:9090/<provider>/..."
-    assert local.client_url("gate.example.com", 443, "https") == "https://gate.example.com:443/<provider>/..."
+    assert supervisor.client_url("10.1.2.3", 9090) == "http://10.1.2.3:9090/<provider>/..."
+    assert supervisor.client_url("::1", 9090) == "http://[::1]:9090/<provider>/..."
+    assert supervisor.client_url("gate.example.com", 443, "https") == "https://gate.example.com:443/<provider>/..."
 
 
 def test_cli_version_and_every_command_has_a_description_and_an_example(capsys):

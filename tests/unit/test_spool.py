@@ -255,7 +255,7 @@ def test_a_deleted_file_that_comes_back_is_read_from_its_start(folder):
 
 
 def test_commit_saves_the_stats_mark_and_a_new_reader_finds_it(folder):
-    """The checkpoint also says how long the stats file was at the commit (lmgate/app.py skips
+    """The checkpoint also says how long the stats file was at the commit (lmgate/pipeline.py skips
     records past it when their lines come again)."""
     path = spool_file(folder, SLOT)
     append(path, lines("a1"))

@@ -1,4 +1,5 @@
-"""Running the processes: nginx in the foreground (with its log lines redacted), and `lmgate up`,
+"""Supervising the processes: nginx in the foreground (its config rendered, its log lines
+redacted, reloaded when a provider's address or the TLS certificate changes), and `lmgate up`,
 which supervises the sidecar and nginx together on one machine.
 
 The container runs the same pieces: its nginx service runs `lmgate nginx` (NginxProcess below)
