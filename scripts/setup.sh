@@ -76,10 +76,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 nginx_version() { { command -v nginx >/dev/null && nginx -v || /usr/sbin/nginx -v; } 2>&1; }
 
-# The locked set goes in only when uv.lock, pyproject.toml or the extras asked for changed since the
-# last sync into this venv (run-local.sh runs this script at every start).
+# The locked set goes in only when uv.lock, pyproject.toml, the extras asked for or the checkout the
+# venv's editable lmgate points at changed since the last sync into this venv (run-local.sh runs
+# this script at every start).
 stamp="$venv/.lmgate-sync"
-want="$(cat uv.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$({ cat uv.lock pyproject.toml; pwd -P; } | sha256sum | cut -d' ' -f1)"
 have="$(cat "$stamp" 2>/dev/null || true)"
 if { [ "$have" = "$want dev" ] || [ "$have" = "$want $mode" ]; } && "$venv/bin/python" -c "" 2>/dev/null; then
     echo "setup: ready (the locked packages are already in $venv; $(nginx_version))" >&2
