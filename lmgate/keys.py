@@ -8,7 +8,7 @@ import re
 from typing import Mapping
 from urllib.parse import unquote_plus
 
-from lmgate.providers import KEY_HEADERS, KEY_PARAMS
+from lmgate.providers import KEY_HEADERS, KEY_PARAMS, KEY_SUBPROTOCOLS, PARAM_PREFIX, SUBPROTOCOL_HEADER
 
 
 def hash_key(key: str) -> str:
@@ -40,12 +40,14 @@ def _all(headers: Mapping[str, str], name: str) -> list[str]:
 
 def query_credentials(query: str) -> list[str]:
     """The values of every credential parameter (lmgate.providers.KEY_PARAMS) in a query string,
-    their names percent-decoded as Google decodes them (`?k%65y=` is `key`)."""
+    their names percent-decoded as Google decodes them (`?k%65y=` is `key`, and so is `?%24key=`)."""
     found = []
     for part in _QUERY_SEPARATOR.split(query):
         name, _, value = part.partition("=")
         if "%" in name or "+" in name:
             name = unquote_plus(name)
+        if name.startswith(PARAM_PREFIX):
+            name = name[len(PARAM_PREFIX):]
         if name in KEY_PARAMS:
             found.append(unquote_plus(value) if "%" in value or "+" in value else value)
     return found
@@ -69,6 +71,10 @@ def extract_key(headers: Mapping[str, str], query: str) -> str:
                 found.append(token)
             else:
                 found.append(value.strip())
+    for value in _all(headers, SUBPROTOCOL_HEADER):
+        for protocol in value.split(","):
+            protocol = protocol.strip()
+            found.extend(protocol[len(prefix):] for prefix in KEY_SUBPROTOCOLS if protocol.startswith(prefix))
     if query:
         found.extend(query_credentials(query))
     keys = set(found)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from lmgate.readiness import PATH_PREFIX as READINESS_PATH
 from lmgate.readiness import SOCKET_NAME as READINESS_SOCKET_NAME
 from lmgate.permissions import User, usable, user_named
-from lmgate.providers import KEY_HEADERS, KEY_PARAMS, PROVIDERS, STREAM_USAGE_PATHS, error_body
+from lmgate.providers import KEY_HEADERS, KEY_PARAMS, KEY_SUBPROTOCOLS, SUBPROTOCOL_HEADER, PROVIDERS, STREAM_USAGE_PATHS, error_body
 from lmgate.settings import Settings
 from lmgate.spool import NGINX_CLOSE_SECONDS, SPOOL_PREFIX, SPOOL_SUFFIX
 
@@ -268,7 +268,8 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "NJS_SCRIPT": str(NGINX_DIR / "lmgate.js"),
         "CAPTURE_HEAD_BYTES": str(settings.stats.capture_head_bytes),
         "CAPTURE_TAIL_BYTES": str(settings.stats.capture_tail_bytes),
-        "KEY_HEADERS": ",".join(KEY_HEADERS),
+        "KEY_HEADERS": ",".join((*KEY_HEADERS, SUBPROTOCOL_HEADER)),
+        "KEY_SUBPROTOCOLS": ",".join(KEY_SUBPROTOCOLS),
         "KEY_PARAMS": ",".join(sorted(KEY_PARAMS)),
         "SIDECAR_ADDRESS": f"{sidecar}:{settings.server.port}",
         "SPOOL_DIR": str(settings.stats.spool_dir.resolve()),

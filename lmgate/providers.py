@@ -19,17 +19,23 @@ class Provider:
     # names (lower case) and query parameter names (after percent-decoding, as Google decodes them).
     key_headers: tuple[str, ...]
     key_params: tuple[str, ...] = ()
+    # A WebSocket subprotocol that carries a key: `<prefix><key>` in Sec-WebSocket-Protocol.
+    key_subprotocol: str | None = None
 
 
 _GOOGLE_HEADERS = ("x-goog-api-key", "authorization")
-# An API key (`key`) or an OAuth access token (`access_token`, and its old name `oauth_token`).
+# An API key (`key`) or an OAuth access token (`access_token`, and its old name `oauth_token`);
+# Google also reads each as a system parameter, `$key` (PARAM_PREFIX), in any case the same name.
 _GOOGLE_PARAMS = ("key", "access_token", "oauth_token")
+PARAM_PREFIX = "$"
 
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
         # OpenAI-compatible upstreams such as Azure OpenAI read `api-key`.
-        Provider("openai", "openai", "OpenAI API", ("authorization", "api-key")),
+        # The Realtime API also takes a key as a subprotocol (browsers cannot set headers).
+        Provider("openai", "openai", "OpenAI API", ("authorization", "api-key"),
+                 key_subprotocol="openai-insecure-api-key."),
         # Authorization: Bearer carries OAuth tokens (Claude subscriptions).
         Provider("anthropic", "anthropic", "Anthropic API", ("x-api-key", "authorization")),
         Provider("google", "google", "Google Vertex AI", _GOOGLE_HEADERS, _GOOGLE_PARAMS),
@@ -41,6 +47,9 @@ PROVIDERS: dict[str, Provider] = {
 # its provider would not (a proxy, another gateway) can then only make the gate refuse more.
 KEY_HEADERS: tuple[str, ...] = tuple(dict.fromkeys(h for p in PROVIDERS.values() for h in p.key_headers))
 KEY_PARAMS: frozenset[str] = frozenset(q for p in PROVIDERS.values() for q in p.key_params)
+KEY_SUBPROTOCOLS: tuple[str, ...] = tuple(p.key_subprotocol for p in PROVIDERS.values() if p.key_subprotocol)
+# The headers nginx hashes for its /auth cache key: every one a key can travel in.
+SUBPROTOCOL_HEADER = "sec-websocket-protocol"
 
 
 # Streams that report usage only when the request asks for it (`stream_options.include_usage`):

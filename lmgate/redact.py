@@ -11,6 +11,7 @@ import logging
 import re
 
 from lmgate.keys import mask_key
+from lmgate.providers import KEY_HEADERS, KEY_SUBPROTOCOLS
 
 # A whole query string: a key can hide behind any parameter name, encoded or not (ke%79=...),
 # and behind any character but the ASCII space, which nginx (>= 1.21.1) refuses in a request line;
@@ -18,13 +19,17 @@ from lmgate.keys import mask_key
 _QUERY = re.compile(r"\?[^ \r\n]+")
 # Credential header values, as nginx or a library may quote them: "Authorization: Bearer X",
 # "x-api-key: X", also inside Python reprs (b'...').
-_HEADER = re.compile(r"(?i)\b(authorization|x-api-key|x-goog-api-key)(\s*[:=]\s*)(bearer\s+|basic\s+)?([^\s\"',\\]+)")
+_HEADER = re.compile(r"(?i)\b(" + "|".join(map(re.escape, KEY_HEADERS)) +
+                     r")(\s*[:=]\s*)(bearer\s+|basic\s+)?([^\s\"',\\]+)")
+# A key sent as a WebSocket subprotocol (openai-insecure-api-key.<key>).
+_SUBPROTOCOL = re.compile(r"(?i)\b(" + "|".join(map(re.escape, KEY_SUBPROTOCOLS)) + r")([^\s\"',\\]+)")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)([^\s\"',\\]+)")
 
 
 def redact(text: str) -> str:
     text = _QUERY.sub(_hide_query, text)
     text = _HEADER.sub(lambda m: m.group(1) + m.group(2) + (m.group(3) or "") + mask_key(m.group(4)), text)
+    text = _SUBPROTOCOL.sub(lambda m: m.group(1) + mask_key(m.group(2)), text)
     return _BEARER.sub(lambda m: m.group(1) + mask_key(m.group(2)), text)
 
 

@@ -135,11 +135,15 @@ function maskedKeys(r) {
     var found = [];
     for (var i = 0; i < h.length; i++) {
         var name = h[i][0].toLowerCase();
-        if (names.indexOf(name) >= 0) {
-            var value = h[i][1].trim();
-            if (name === 'authorization') {
-                value = value.slice(value.indexOf(' ') + 1).trim();
-            }
+        if (names.indexOf(name) < 0) {
+            continue;
+        }
+        var value = h[i][1].trim();
+        if (name === 'authorization') {
+            found.push(value.slice(value.indexOf(' ') + 1).trim());
+        } else if (name === 'sec-websocket-protocol') {
+            subprotocolKeys(r, value, found);
+        } else {
             found.push(value);
         }
     }
@@ -149,7 +153,11 @@ function maskedKeys(r) {
     var parts = q >= 0 ? uri.slice(q + 1).split(/[&;]/) : [];
     for (var j = 0; j < parts.length; j++) {
         var eq = parts[j].indexOf('=');
-        if (eq > 0 && params.indexOf(decode(parts[j].slice(0, eq))) >= 0) {
+        var param = eq > 0 ? decode(parts[j].slice(0, eq)) : '';
+        if (param.charAt(0) === '$') {  // a Google system parameter: $key is key
+            param = param.slice(1);
+        }
+        if (eq > 0 && params.indexOf(param) >= 0) {
             found.push(decode(parts[j].slice(eq + 1)));
         }
     }
@@ -166,6 +174,20 @@ function maskedKeys(r) {
         return encodeURIComponent(masked.join(','));
     } catch (e) {  // not text (a lone surrogate)
         return '...';
+    }
+}
+
+// The keys in a WebSocket subprotocol list (`openai-insecure-api-key.<key>`, ...).
+function subprotocolKeys(r, value, found) {
+    var prefixes = r.variables.lmgate_key_subprotocols.split(',');
+    var protocols = value.split(',');
+    for (var i = 0; i < protocols.length; i++) {
+        var p = protocols[i].trim();
+        for (var j = 0; j < prefixes.length; j++) {
+            if (prefixes[j] !== '' && p.indexOf(prefixes[j]) === 0) {
+                found.push(p.slice(prefixes[j].length));
+            }
+        }
     }
 }
 

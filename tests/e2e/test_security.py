@@ -500,6 +500,11 @@ KEY_PLACES = [
     ("gemini", [], f"?k%65y={ALICE_KEY}", 200),
     ("google", [], f"?access_token={ALICE_KEY}&alt=sse", 200),
     ("openai", [("api-key", ALICE_KEY)], "", 200),
+    ("gemini", [("x-goog-api-key", ALICE_KEY)], f"?$key={UNLISTED_KEY}", 403),
+    ("google", [("x-goog-api-key", ALICE_KEY)], f"?%24key={UNLISTED_KEY}", 403),
+    ("openai", [("Authorization", f"Bearer {ALICE_KEY}"),
+                ("Sec-WebSocket-Protocol", f"realtime, openai-insecure-api-key.{UNLISTED_KEY}")], "", 403),
+    ("openai", [("Sec-WebSocket-Protocol", f"realtime, openai-insecure-api-key.{ALICE_KEY}")], "", 200),
     # nginx itself refuses a repeated Authorization header.
     ("openai", [("Authorization", f"Bearer {ALICE_KEY}"), ("Authorization", f"Bearer {BOB_KEY}")], "", 400),
 ]

@@ -79,6 +79,13 @@ def test_unrelated_headers_ignored():
     (headers(("Authorization", f"Bearer {KEY}"), ("api-key", OTHER)), ""),
     (headers(("api-key", KEY), ("api-key", OTHER)), ""),
     (headers(("x-api-key", KEY), ("Authorization", f"Bearer {OTHER}")), ""),
+    # Google's system-parameter form, $name, encoded or not.
+    (headers(("x-goog-api-key", KEY)), f"$key={OTHER}"),
+    (headers(("x-goog-api-key", KEY)), f"%24key={OTHER}"),
+    (headers(("x-goog-api-key", KEY)), f"$access_token={OTHER}"),
+    # OpenAI Realtime's key in a WebSocket subprotocol.
+    (headers(("Authorization", f"Bearer {KEY}"),
+             ("Sec-WebSocket-Protocol", f"realtime, openai-insecure-api-key.{OTHER}")), ""),
 ])
 def test_a_second_credential_in_any_place_a_provider_reads_is_refused(hdrs, query):
     assert "more than one" in problem(hdrs, query)
@@ -90,6 +97,9 @@ def test_a_second_credential_in_any_place_a_provider_reads_is_refused(hdrs, quer
     (headers(), f"oauth_token={KEY}"),
     (headers(), f"%6Bey={KEY}"),
     (headers(("x-goog-api-key", KEY)), f"k%65y={KEY}&alt=sse"),
+    (headers(), f"%24key={KEY}"),
+    (headers(("Sec-WebSocket-Protocol", f"realtime, openai-insecure-api-key.{KEY}, openai-beta.realtime-v1")), ""),
+    (headers(("Authorization", f"Bearer {KEY}"), ("Sec-WebSocket-Protocol", "realtime")), ""),
 ])
 def test_each_credential_place_alone_is_read(hdrs, query):
     assert extract_key(hdrs, query) == KEY

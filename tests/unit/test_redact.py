@@ -25,6 +25,9 @@ KEY = "sk-lmgate-test-redact-0123456789abcdef"
     f'request: "POST /gemini/v1beta/models/m:generateContent?x=\u00a0&key={KEY} HTTP/1.1"',
     f'request: "POST /gemini/v1beta/models/m:generateContent?x=\u2028&key={KEY} HTTP/1.1"',
     f'request: "GET /gemini/x?a=",upstream:"&access_token={KEY} HTTP/1.1", host: "x"',
+    # Every header a key travels in (lmgate.providers), and a key sent as a WebSocket subprotocol.
+    f'client sent too long header line: "api-key: {KEY}"',
+    f'"Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.{KEY}"',
 ])
 def test_no_full_key_survives(line):
     out = redact(line)
