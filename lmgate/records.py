@@ -24,7 +24,7 @@ TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_wri
                 "reasoning_tokens", "total_tokens")
 
 # Words nginx sets in $lmgate_error for answers it generated itself.
-NGINX_ERRORS = frozenset({"forbidden", "gate_unavailable", "upstream_unreachable"})
+NGINX_ERRORS = frozenset({"forbidden", "gate_unavailable", "upstream_unreachable", "bad_path"})
 # The canary location's calls (nginx.conf.template; `lmgate doctor`): recorded, left out of reports.
 CANARY = "canary"
 NGINX_ERRORS |= {CANARY}

@@ -1,6 +1,6 @@
 """Bounding the records of refused calls: a flood of bad keys must not flood the stats file.
 
-Per client address, the first REFUSALS_PER_WINDOW calls refused as `forbidden` in each
+Per client address, the first REFUSALS_PER_WINDOW calls refused as `forbidden` or `bad_path` in each
 WINDOW_SECONDS (of the calls' own times) are recorded one by one; the rest of that window become
 one record: the first of them, with `folded_calls` (how many refused calls it stands for). Allowed
 calls and calls refused while the sidecar was down (`gate_unavailable`) are never folded.
@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 WINDOW_SECONDS = 10.0
 REFUSALS_PER_WINDOW = 10
-FOLDED = "forbidden"
+# Refusals anyone can cause without a key: a key not listed, a path that is refused.
+FOLDED = frozenset({"forbidden", "bad_path"})
 
 
 @dataclass
@@ -37,7 +38,7 @@ class RefusalFolder:
 
     def keep(self, record: dict[str, Any], address: str, at: float) -> bool:
         """True if `record` (a call ended at `at`, from `address`) is to be written as it is."""
-        if record["error_type"] != FOLDED:
+        if record["error_type"] not in FOLDED:
             return True
         window = self.windows.get(address)
         if window is None or at >= window.ends:

@@ -12,7 +12,7 @@ from lmgate.report.prices import GENAI, Pricer, genai_version
 
 # error_type values: a denied call never reached the provider; these two are successful calls
 # whose counts are missing (a request, not an error).
-DENIED = frozenset({"forbidden", "gate_unavailable"})
+DENIED = frozenset({"forbidden", "gate_unavailable", "bad_path"})
 NO_USAGE = frozenset({"usage_missing", "capture_truncated"})
 
 COUNTERS = ("requests", "denied", "errors", "input_tokens", "output_tokens", "cache_read_tokens",

@@ -605,6 +605,17 @@ def test_a_flood_of_refused_calls_is_recorded_with_a_bound_and_every_call_counte
     assert [r["lmgate_id"] for r in records if r["error_type"] is None] == ["alice"]
 
 
+def test_refused_paths_need_no_key_and_are_bounded_like_refused_keys(own_gate):
+    g = own_gate()
+    statuses = [raw_request(g.port, get(f"/openai/v1/./x{i}", headers={}))[0] for i in range(120)]
+    assert statuses == [400] * 120
+    assert g.stop() == 0
+    records = g.records()
+    assert {r["error_type"] for r in records} == {"bad_path"}
+    assert sum(r.get("folded_calls", 1) for r in records) == 120
+    assert len(records) <= 12
+
+
 def test_sidecar_survived_every_hostile_request(routed):
     status, body = readyz(routed)
     assert status == 200, body

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmgate import local, upstreams
+from lmgate import supervisor, upstreams
 from lmgate.nginx_conf import render
 from lmgate.settings import load_settings
 from tests.support.gate import spool_dir
@@ -47,10 +47,10 @@ class FakeNginx:
 
 def test_supervisor_renders_again_when_the_host_resolves(settings, monkeypatch, caplog):
     dns = {"down.example": frozenset()}
-    monkeypatch.setattr(local, "resolve", lambda host: dns.get(host, frozenset({"192.0.2.1"})))
-    monkeypatch.setattr(local, "find_nginx", lambda setting: Path("/usr/sbin/nginx"))
+    monkeypatch.setattr(supervisor, "resolve", lambda host: dns.get(host, frozenset({"192.0.2.1"})))
+    monkeypatch.setattr(supervisor, "find_nginx", lambda setting: Path("/usr/sbin/nginx"))
     caplog.set_level("INFO", "lmgate.up")
-    nginx = local.NginxProcess(settings)
+    nginx = supervisor.NginxProcess(settings)
     assert nginx.unresolved == {"openai"}
     assert "server 127.0.0.1:8443 down;" in nginx.conf.read_text()
     assert "provider openai: its upstream host down.example does not resolve" in caplog.text
