@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
     except (ConfigError, AllowListError, RenderError, StartError) as exc:
-        for line in str(exc).splitlines():     # a config's errors: one line each
+        from lmgate.redact import redact
+        for line in redact(str(exc)).splitlines():     # a config's errors: one line each
             print(f"lmgate: {line}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -340,7 +340,8 @@ def main(args: argparse.Namespace, out=None) -> int:
     checks = run_checks(args.config, args.url, args.timeout, tuple(g for g in only if g not in skip))
     healthy = all(c.ok for c in checks)
     if args.format == "json":
-        json.dump({"ok": healthy, "checks": [asdict(c) for c in checks]}, out, indent=2)
+        json.dump({"ok": healthy, "checks": [{k: redact(v) if isinstance(v, str) else v
+                                              for k, v in asdict(c).items()} for c in checks]}, out, indent=2)
         out.write("\n")
     else:
         width = max(len(c.name) for c in checks)

@@ -91,13 +91,17 @@ def _seconds(value: float) -> str:
     return f"{int(value * 1000)}ms"
 
 
+# proxy.http_port's plain HTTP is for local development: never reachable from another machine.
+HTTP_PORT_HOST = "127.0.0.1"
+
+
 def _tls(settings: Settings) -> str:
     proxy = settings.proxy
     if not proxy.tls_cert_path:
         return "        # TLS is off (proxy.tls_cert_path and proxy.tls_key_path are empty)"
     http_listen = ("        # No plain-HTTP port (proxy.http_port is 0)." if not proxy.http_port else
-                   f"        # proxy.http_port: the same API over plain HTTP.\n"
-                   f"        listen {_address(proxy.host, proxy.http_port)} reuseport backlog=4096;")
+                   f"        # proxy.http_port: the same API over plain HTTP, on loopback only (keys in clear).\n"
+                   f"        listen {_address(HTTP_PORT_HOST, proxy.http_port)} reuseport backlog=4096;")
     return _fill((NGINX_DIR / "tls.conf.template").read_text().rstrip("\n"), {
         "HTTP_LISTEN": http_listen,
         "CERT": _nginx_path(proxy.tls_cert_path, "proxy.tls_cert_path"),

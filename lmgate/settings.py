@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from lmgate.providers import PROVIDERS
+from lmgate.redact import redact
 
 ENV_PREFIX = "LMGATE_"
 DEFAULT_CONFIG = Path("config/lmgate.yaml")
@@ -386,7 +387,12 @@ def _validate(s: Settings, path: Path, errors: _Errors, sections: tuple[str, ...
     if not wanted("providers"):
         return
     for name, provider in s.providers.items():
-        url = urlsplit(provider.upstream)
-        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
-            errors.fail(f"{path}: providers.{name}.upstream must be an http(s) URL without query, "
-                        f"got {provider.upstream!r}", "providers")
+        try:
+            url = urlsplit(provider.upstream)
+            url.port  # noqa: B018 - raises ValueError for a port that is not one
+        except ValueError:
+            url = None
+        if (url is None or url.scheme not in ("http", "https") or not url.hostname or url.query
+                or url.fragment or url.username is not None):
+            errors.fail(f"{path}: providers.{name}.upstream must be an http(s) URL with a valid port and "
+                        f"no user, query or fragment, got {redact(provider.upstream)!r}", "providers")

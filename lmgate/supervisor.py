@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lmgate.allowlist import AllowListError, load_allowlist
-from lmgate.nginx_conf import RenderError, find_nginx, remove_stale_socket, write_config
+from lmgate.nginx_conf import HTTP_PORT_HOST, RenderError, find_nginx, remove_stale_socket, write_config
 from lmgate.redact import redact
 from lmgate.settings import Settings
 from lmgate.tls import CertWatcher
@@ -149,7 +149,9 @@ class NginxProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                # The workers too (nginx's process group): a worker holding a WebSocket or a long
+                # stream would outlive its master for up to the upstream read timeout.
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
 
@@ -230,7 +232,7 @@ class Up:
         except AllowListError as exc:
             raise StartError(str(exc)) from None
         for what, host, port in (("proxy.port", s.proxy.host, s.proxy.port),
-                                 ("proxy.http_port", s.proxy.host, s.proxy.http_port),
+                                 ("proxy.http_port", HTTP_PORT_HOST, s.proxy.http_port),
                                  ("server.port", s.server.host, s.server.port)):
             if port and port_in_use(host, port, socket.SOCK_STREAM):
                 raise StartError(f"port {port} on {host} ({what}) is already in use; stop what uses it "

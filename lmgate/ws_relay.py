@@ -84,6 +84,7 @@ class Tracker:
         self.count = 0
         self.current: _Response | None = None
         self.turn_complete = False  # Gemini Live: the turn ended, its usage may still come
+        self._realtime = "/realtime" in endpoint  # OpenAI Realtime: only response.done ends one
 
     # ---------------------------------------------------------------- frames
 
@@ -131,6 +132,10 @@ class Tracker:
             return
         response = doc.get("response") if doc else None
         response = response if isinstance(response, dict) else {}
+        if kind == "error" and self._realtime:
+            # Realtime's errors are most often about one client event; the response (if any) goes
+            # on and ends with response.done.
+            return
         if kind == "response.created" or self.current is None:
             if kind == "response.created" and self.current is not None:
                 self.closed(by_client=False)  # a new response without the end of the last one

@@ -75,6 +75,19 @@ def test_an_error_event_without_a_response_is_one_stream_error():
     assert (r["error_type"], r["input_tokens"]) == ("stream_error", None)
 
 
+def test_a_realtime_error_event_neither_ends_a_response_nor_makes_one():
+    """Realtime's error events are about one client event (docs: "most errors are recoverable");
+    only response.done ends a response there."""
+    t, records = tracker(model="gpt-realtime")
+    t.from_upstream(frame({"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}))
+    t.from_upstream(frame({"type": "response.created", "response": realtime_response("in_progress", None)}))
+    t.from_upstream(frame({"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}))
+    t.from_upstream(frame({"type": "response.done", "response": realtime_response("completed", REALTIME_USAGE)}))
+    t.closed(by_client=True)
+    [r] = records
+    assert (r["error_type"], tokens(r)) == (None, (132, 121, 64, None, 253))
+
+
 def test_frames_that_are_not_events_are_relayed_without_a_record():
     t, records = tracker(endpoint="/openai/v1/responses")
     for data in (b"\x00\xff not json", "[1, 2]", frame({"type": "rate_limits.updated"}), ""):
