@@ -154,7 +154,11 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         from lmgate.report import run_report
-        return run_report(args, settings.stats.output_path, settings.report.prices_path)
+        from lmgate.settings import ReportSettings
+        # The default overrides file may be absent (a config of one's own elsewhere): no overrides.
+        default = (settings.source.parent / ReportSettings().prices_path).resolve()
+        return run_report(args, settings.stats.output_path, settings.report.prices_path,
+                          prices_optional=settings.report.prices_path.resolve() == default)
     if args.command == "export":
         from lmgate.report import run_export
         return run_export(args, settings.stats.output_path)

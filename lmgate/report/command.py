@@ -150,8 +150,9 @@ def _window_args(args: argparse.Namespace, now: dt.datetime) -> tuple[dt.datetim
 
 
 def run_report(args: argparse.Namespace, stats_path: Path, prices_path: Path,
-               out: TextIO | None = None) -> int:
-    """Print the report of `stats_path` and its rotated files; 0, or 2 on a bad argument/file."""
+               out: TextIO | None = None, prices_optional: bool = False) -> int:
+    """Print the report of `stats_path` and its rotated files; 0, or 2 on a bad argument/file.
+    `prices_optional`: `prices_path` is the default overrides file, which may be absent."""
     out = out or sys.stdout
     err = sys.stderr
     now = _now()
@@ -163,7 +164,11 @@ def run_report(args: argparse.Namespace, stats_path: Path, prices_path: Path,
         fmt = getattr(args, "format", None) or "table"
         if fmt not in FORMATS:
             raise UsageError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
-        overrides = None if sql else load_prices(Path(getattr(args, "prices", None) or prices_path))
+        chosen = getattr(args, "prices", None)
+        if sql or (chosen is None and prices_optional and not Path(prices_path).exists()):
+            overrides = None
+        else:
+            overrides = load_prices(Path(chosen or prices_path))
     except (UsageError, PriceError) as exc:
         print(f"lmgate report: {exc}", file=err)
         return 2

@@ -519,3 +519,19 @@ def test_a_bad_upstream_url_is_one_line_naming_the_key_and_never_echoes_a_key(tm
         load_settings(config, environ={})
     [line] = str(info.value).splitlines()
     assert "providers.openai.upstream" in line and "0123456789" not in line
+
+
+def test_report_runs_from_a_config_of_ones_own_without_a_price_overrides_file(partial, tmp_path, capsys):
+    """The overrides file is optional at its default place (next to the config); one named by the
+    config or --prices must exist."""
+    from lmgate import cli
+    stats = tmp_path / "stats.jsonl"
+    stats.write_text("")
+    config = partial(f"stats:\n  output_path: {stats}\n")
+    with pytest.raises(SystemExit) as done:
+        cli.main(["report", "--config", str(config), "--format", "json"])
+    assert done.value.code == 0, capsys.readouterr().err
+    named = partial(f"stats:\n  output_path: {stats}\nreport:\n  prices_path: {tmp_path / 'typo.yaml'}\n")
+    with pytest.raises(SystemExit) as done:
+        cli.main(["report", "--config", str(named)])
+    assert done.value.code == 2 and "typo.yaml: cannot read price file" in capsys.readouterr().err
