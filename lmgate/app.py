@@ -28,7 +28,7 @@ from lmgate.keys import KeyProblem, extract_key
 from lmgate.refusals import RefusalFolder
 from lmgate.settings import Settings, size_bytes
 from lmgate.spool import SpoolReader
-from lmgate.writer import StatsWriter, request_ids_after
+from lmgate.writer import STDOUT, StatsWriter, request_ids_after
 
 log = logging.getLogger("lmgate.sidecar")
 
@@ -103,7 +103,7 @@ async def readyz(request: web.Request) -> web.Response:
     if holder.last_error:
         problems.append(f"allow-list: {holder.last_error} (previous list in force)")
     writer = app[WRITER]
-    if not _writable_folder(writer.path.parent):
+    if not writer.to_stdout and not _writable_folder(writer.path.parent):
         problems.append(f"stats: {writer.path.parent} is not writable")
     if writer.last_error:
         problems.append(f"stats: {writer.last_error}")
@@ -282,7 +282,7 @@ def _max_spool_line(settings: Settings) -> int:
 def serve(settings: Settings) -> None:
     """Run the sidecar until SIGTERM/SIGINT; buffered records are written before exit."""
     app = create_app(settings)
-    if not _writable_folder(settings.stats.output_path.parent):
+    if settings.stats.output_path != STDOUT and not _writable_folder(settings.stats.output_path.parent):
         log.error("stats folder %s is not writable: records stay in memory until it is",
                   settings.stats.output_path.parent)
     log.info("sidecar listening on %s:%d, allow-list %s (%d keys), spool %s, stats %s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -634,5 +635,80 @@ async def test_poller_survives_unexpected_error(keyfile, monkeypatch):
     try:
         await wait_until_async(lambda: len(calls) >= 3, 2, "three polls")
         assert not task.done()
+    finally:
+        task.cancel()
+
+
+# ---------------------------------------------------------------- a Kubernetes Secret volume
+
+class SecretVolume:
+    """A mounted Secret as the kubelet lays it out (its AtomicWriter): the data in a timestamped
+    folder, `..data` a symlink to it, and each key a symlink through `..data`. An update writes a
+    new timestamped folder, points a new `..data_tmp` symlink at it, renames that over `..data`
+    (atomic) and removes the old folder."""
+
+    def __init__(self, mount: Path, set_mtime) -> None:
+        self.mount, self.set_mtime, self.version = mount, set_mtime, 0
+        mount.mkdir()
+
+    def write(self, files: dict[str, str], mtime_ns: int | None = None) -> None:
+        self.version += 1
+        folder = self.mount / f"..2026_12_05_01_{self.version:02d}_00.{1000 + self.version}"
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text, encoding="utf-8")
+            if mtime_ns is None:
+                self.set_mtime(folder / name, 10.0)
+            else:
+                os.utime(folder / name, ns=(mtime_ns, mtime_ns))
+        data = self.mount / "..data"
+        old = os.readlink(data) if data.is_symlink() else None
+        tmp = self.mount / "..data_tmp"
+        os.symlink(folder.name, tmp)
+        os.rename(tmp, data)
+        for name in files:
+            if not (self.mount / name).is_symlink():
+                os.symlink(f"..data/{name}", self.mount / name)
+        if old:
+            for child in (self.mount / old).iterdir():
+                child.unlink()
+            (self.mount / old).rmdir()
+
+
+@pytest.mark.parametrize("same_mtime_and_size", [False, True])
+def test_holder_sees_a_kubernetes_secret_update(tmp_path, set_mtime, same_mtime_and_size):
+    secret = SecretVolume(tmp_path / "secret", set_mtime)
+    secret.write({"allowlist.csv": HEADER + f"alice,{KEY_A},Alice,2024\n"})
+    path = secret.mount / "allowlist.csv"
+    assert path.is_symlink() and os.readlink(path) == "..data/allowlist.csv"
+    holder = AllowListHolder(path, 30)
+    assert holder.current.lookup(KEY_A).id == "alice"
+    assert holder.check() is False
+
+    before = os.stat(path)
+    other = KEY_A[:-1] + "X"                      # same length: same file size
+    secret.write({"allowlist.csv": HEADER + f"alice,{other},Alice,2024\n"},
+                 mtime_ns=before.st_mtime_ns if same_mtime_and_size else None)
+    # The key's own symlink never changed: only what it leads to did.
+    assert os.readlink(path) == "..data/allowlist.csv"
+    if same_mtime_and_size:
+        after = os.stat(path)
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert holder.check() is True
+    assert holder.current.lookup(other).id == "alice"
+    assert holder.current.lookup(KEY_A) is None
+    assert holder.check() is False
+
+
+async def test_holder_poller_applies_a_kubernetes_secret_update(tmp_path, set_mtime):
+    secret = SecretVolume(tmp_path / "secret", set_mtime)
+    secret.write({"allowlist.csv": HEADER + f"alice,{KEY_A},Alice,2024\n"})
+    holder = AllowListHolder(secret.mount / "allowlist.csv", 0.02)
+    task = asyncio.create_task(holder.poll_forever())
+    try:
+        secret.write({"allowlist.csv": HEADER + f"bob,{KEY_B},Bob,2024\n"})
+        await wait_until_async(lambda: holder.current.lookup(KEY_B) is not None, 5,
+                               "the poller to load the updated Secret")
+        assert holder.current.lookup(KEY_A) is None
     finally:
         task.cancel()

@@ -507,3 +507,9 @@ def test_cli_prints_every_config_error_on_its_own_line(partial, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert done.value.code == 2 and len(lines) == 2
     assert all(ln.startswith(f"lmgate: {config}: ") for ln in lines), lines
+
+
+def test_stats_output_path_dash_is_standard_output_not_a_file_beside_the_config():
+    s = load_settings(SHIPPED, environ={"LMGATE_STATS__OUTPUT_PATH": "-", "LMGATE_STATS__SPOOL_DIR": "spool"})
+    assert s.stats.output_path == Path("-")
+    assert s.stats.spool_dir == SHIPPED.parent / "spool"      # other relative paths still resolve
