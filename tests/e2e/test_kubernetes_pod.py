@@ -19,13 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from tests.e2e.test_container_entrypoints import (NGINX_SCRIPT, PROVIDERS, SIDECAR_SCRIPT, START_SECONDS,
                                                   Service, Upstream, call, kill_pidfile)
-from tests.support.gate import spool_dir
-from tests.support.http import http_status
+from tests.support.gate import ALICE_KEY, CONFIG, UNLISTED_KEY, Gate, spool_dir
+from tests.support.http import bearer, http_status
 from tests.support.ports import free_port
 from tests.support.secret_volume import SecretVolume
 from tests.support.wait import wait_until
@@ -142,3 +143,42 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
     assert "sidecar listening" in stderr and "allow-list reloaded" in stderr
     for text in (stdout.decode(), stderr, nginx.log()):
         assert OLD_KEY not in text and NEW_KEY not in text
+
+
+def test_lmgate_up_with_dash_prints_the_records_on_its_stdout_and_doctor_passes(mock_upstream, tmp_path):
+    """Off Kubernetes too: `lmgate up` hands the sidecar's records to its own stdout, logs to
+    stderr; `lmgate doctor` checks such a gate (its canary's record goes to that stdout)."""
+    mock_upstream.reply("/v1/k8s/stdout", body=Upstream.BODY)
+    g = Gate(tmp_path, mock_upstream.url, LMGATE_STATS__OUTPUT_PATH="-",
+             LMGATE_PROVIDERS__ANTHROPIC__UPSTREAM=mock_upstream.url,
+             LMGATE_PROVIDERS__OPENAI__UPSTREAM=mock_upstream.url)
+    out_path, err_path = tmp_path / "up.stdout", tmp_path / "up.stderr"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "lmgate", "up", "--config", str(CONFIG)], env=g.env,
+                                cwd=tmp_path, stdout=out, stderr=err, start_new_session=True)
+    try:
+        wait_until(lambda: http_status(g.url + "/healthz") == 200 and http_status(g.sidecar_url("/livez")) == 200
+                   or proc.poll() is not None, START_SECONDS, "lmgate up to start")
+        assert proc.poll() is None, err_path.read_text()
+        with httpx.Client() as client:
+            statuses = [client.post(g.base("openai") + "/v1/k8s/stdout", headers=bearer(key), content=b"{}").status_code
+                        for key in (ALICE_KEY, UNLISTED_KEY, ALICE_KEY)]
+        assert statuses == [200, 403, 200]
+        doctor = subprocess.run([sys.executable, "-m", "lmgate", "doctor", "--config", str(CONFIG),
+                                 "--format", "json"], env=g.env, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=90)
+        checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert "standard output" in checks["canary"]["detail"] and "standard output" in checks["folders"]["detail"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, err_path.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    records = [json.loads(line) for line in out_path.read_bytes().splitlines()]
+    calls = [r for r in records if r["error_type"] != "canary"]
+    assert [(r["endpoint"], r["status"]) for r in calls] == [("/openai/v1/k8s/stdout", s) for s in statuses]
+    assert [r["error_type"] for r in records if r not in calls] == ["canary"]
+    assert not (tmp_path / "-").exists() and not g.stats.exists()
+    assert "sidecar listening" in err_path.read_text()
