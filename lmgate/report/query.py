@@ -273,9 +273,11 @@ def open_many(specs: list[str], since: str | None = None, until: str | None = No
                     f = None
                 if f is not None:
                     held.append(f)
-                    found = True
                 rotated = stats_files(current)[:-1]
-                found = found or bool(rotated)
+                if f is None and not rotated:       # named by hand: a typo, not "no stats yet"
+                    raise FileNotFoundError(errno.ENOENT, "no such file, nor rotated files beside it",
+                                            spec)
+                found = True
                 items = [(item.path, item.rotated_at) for item in rotated]
                 for path, rotated_at in items:
                     if since and rotated_at and ts_bound(rotated_at + ROTATION_MARGIN) < since:

@@ -820,3 +820,12 @@ def test_stdout_output_path_without_stats_says_to_name_the_files(run, tmp_path: 
     code, out, err = run(stats=Path("-"))
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "--stats" in err and "standard output" in err
+
+
+def test_stats_file_that_does_not_exist_is_a_one_line_error(run, tmp_path: Path) -> None:
+    calls = replicas(tmp_path / "bucket-sync")
+    assert calls
+    missing = tmp_path / "bucket-sync" / "lmgate-7d9f-z" / "stats.jsonl"
+    code, out, err = run("--stats", str(tmp_path / "bucket-sync"), "--stats", str(missing))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and str(missing) in err and "no such file" in err
