@@ -132,6 +132,9 @@ def test_tls_secret_is_mounted_where_the_settings_look(objects, pod, tmp_path):
     mount = next(m for m in container(pod, "nginx")["volumeMounts"] if m["name"] == "tls")
     assert Path(proxy.tls_cert_path).parent == Path(proxy.tls_key_path).parent == Path(mount["mountPath"])
     assert volumes["tls"]["secret"]["defaultMode"] & 0o007 == 0   # the key: not for other users
+    # `lmgate doctor` in the sidecar container calls this pod's nginx as it now speaks.
+    env = {e["name"]: e["value"] for e in container(pod, "sidecar")["env"]}
+    assert env["LMGATE_GATE_URL"] == f"https://127.0.0.1:{proxy.port}"
 
 
 def test_every_container_is_non_root_read_only_without_capabilities(pod):
