@@ -24,6 +24,7 @@ from lmgate.allowlist import AllowListHolder
 from lmgate.keys import KeyProblem, extract_key, mask_key
 from lmgate.pipeline import READER_TASK, READINESS, SPOOL, WRITER
 from lmgate.settings import Settings, size_bytes
+from lmgate.writer import STDOUT
 
 log = logging.getLogger("lmgate.sidecar")
 
@@ -76,7 +77,7 @@ async def readyz(request: web.Request) -> web.Response:
     if holder.last_error:
         problems.append(f"allow-list: {holder.last_error} (previous list in force)")
     writer = app[WRITER]
-    if not _writable_folder(writer.path.parent):
+    if not writer.to_stdout and not _writable_folder(writer.path.parent):
         problems.append(f"stats: {writer.path.parent} is not writable")
     if writer.last_error:
         problems.append(f"stats: {writer.last_error}")
@@ -136,7 +137,7 @@ def request_limits(settings: Settings) -> dict[str, int]:
 def serve(settings: Settings) -> None:
     """Run the sidecar until SIGTERM/SIGINT; buffered records are written before exit."""
     app = create_app(settings)
-    if not _writable_folder(settings.stats.output_path.parent):
+    if settings.stats.output_path != STDOUT and not _writable_folder(settings.stats.output_path.parent):
         log.error("stats folder %s is not writable: records stay in memory until it is",
                   settings.stats.output_path.parent)
     log.info("sidecar listening on %s:%d, allow-list %s (%d keys), spool %s, stats %s",

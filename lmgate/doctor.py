@@ -30,6 +30,7 @@ from lmgate.redact import redact
 from lmgate.settings import ConfigError, Settings, load_settings
 from lmgate.tls import certificate_status
 from lmgate.upstreams import provider_hosts, resolve
+from lmgate.writer import STDOUT
 
 CANARY_PATH = "/_lmgate/canary/"
 GATE_URL_ENV = "LMGATE_GATE_URL"
@@ -156,13 +157,15 @@ def check_folders(settings: Settings) -> Check:
         workers = user_named(name, group or None)
     else:
         workers = me
-    stats_dir = settings.stats.output_path.resolve().parent
+    to_stdout = settings.stats.output_path == STDOUT
+    stats_dir = "standard output" if to_stdout else settings.stats.output_path.resolve().parent
     needs = [
         (workers, settings.stats.spool_dir, "wx", "nginx's workers write the spool"),
         (me, settings.stats.spool_dir, "rwx", "the sidecar reads and deletes spool files"),
-        (me, stats_dir, "wx", "the sidecar writes and rotates the stats"),
         (me, settings.auth.allowlist_path, "r", "the sidecar reads the allow-list"),
     ]
+    if not to_stdout:
+        needs.insert(2, (me, stats_dir, "wx", "the sidecar writes and rotates the stats"))
     problems = []
     for user, path, want, why in needs:
         reason = usable(user, path, want)
@@ -231,6 +234,10 @@ def check_canary(settings: Settings, gate_url: str, timeout: float) -> Check:
     if status != 204:
         return _problem("canary", f"{gate_url}{CANARY_PATH} answered {status}, not 204: is this LMGate's nginx?",
                         "render nginx's config again (restart LMGate) or correct --url")
+    if stats == STDOUT:
+        # The records go to the sidecar's standard output, which only its log shipper reads.
+        return _ok("canary", f"a call through {gate_url} was answered; its record goes to the "
+                   "sidecar's standard output (error_type canary in its log)")
     wait = settings.stats.flush_interval_seconds + 10
     deadline = time.monotonic() + wait
     while True:

@@ -336,8 +336,10 @@ def _resolve_paths(settings: Any, folder: Path) -> Any:
     if isinstance(settings, dict):
         return {k: _resolve_paths(v, folder) for k, v in settings.items()}
     if dataclasses.is_dataclass(settings):
+        # stats.output_path "-" is standard output (lmgate/writer.py), not a file beside the config.
         changes = {f.name: _resolve_paths(getattr(settings, f.name), folder)
-                   for f in dataclasses.fields(settings) if f.name != "source"}
+                   for f in dataclasses.fields(settings) if f.name != "source"
+                   and not (f.name == "output_path" and getattr(settings, f.name) == Path("-"))}
         return dataclasses.replace(settings, **changes)
     return settings
 

@@ -28,6 +28,7 @@ from lmgate.redact import redact
 from lmgate.settings import Settings
 from lmgate.tls import CertWatcher
 from lmgate.upstreams import provider_hosts, resolve, unresolved_providers
+from lmgate.writer import STDOUT
 
 log = logging.getLogger("lmgate.up")
 
@@ -245,9 +246,14 @@ class Up:
 
     def _start_sidecar(self) -> None:
         cmd = [sys.executable, "-m", "lmgate", "serve", "--config", str(self.config_path)]
-        self.sidecar = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        threading.Thread(target=_pump, args=(self.sidecar.stdout, ""), daemon=True).start()
+        # With stats.output_path "-" the sidecar's stdout is the records: ours, as they are.
+        records_out = self.settings.stats.output_path == STDOUT
+        self.sidecar = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                        stdout=None if records_out else subprocess.PIPE,
+                                        stderr=subprocess.PIPE if records_out else subprocess.STDOUT,
+                                        start_new_session=True)
+        logs = self.sidecar.stderr if records_out else self.sidecar.stdout
+        threading.Thread(target=_pump, args=(logs, ""), daemon=True).start()
         url = f"http://{self.settings.server.reachable_host}:{self.settings.server.port}/livez"
         deadline = time.monotonic() + SIDECAR_START_SECONDS
         while time.monotonic() < deadline:

@@ -4,6 +4,10 @@ Records are appended to an in-memory buffer and written every `flush_interval` s
 shutdown). If the disk write fails (permissions, disk full) the records stay buffered, the error is
 logged once per interval, and the next flush tries again: writing resumes by itself. Past
 `rotate_bytes` the file is renamed to `<stem>.<UTC timestamp><suffix>` (never overwriting) first.
+
+With the path `-` (STDOUT) each flush writes its batch to standard output instead, one record per
+line and nothing else there, for a log shipper (Kubernetes): no rotation, no mark, and a batch is
+committed once written (a flush cut short keeps exactly the bytes not yet written).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ MAX_BUFFERED_RECORDS = 1_000_000
 # Buffered bytes past which a flush is due before its interval: under load, records reach the disk
 # in pieces of this size, as one big write stalled nginx (docs/performance-history.md).
 FLUSH_BYTES = 1 << 20
+# stats.output_path that means standard output.
+STDOUT = Path("-")
 
 
 def rotated_name(path: Path, when: float | None = None) -> Path:
@@ -41,6 +47,7 @@ def rotated_name(path: Path, when: float | None = None) -> Path:
 class StatsWriter:
     def __init__(self, path: Path, rotate_bytes: int, flush_interval: float) -> None:
         self.path = path
+        self.to_stdout = path == STDOUT
         self.rotate_bytes = rotate_bytes
         self.flush_interval = flush_interval
         self._lines: list[bytes] = []
@@ -83,6 +90,8 @@ class StatsWriter:
             self._flushed()
             return True
         data = b"".join(self._lines)
+        if self.to_stdout:
+            return self._flush_stdout(data)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._rotate_if_needed(len(data))
@@ -110,8 +119,39 @@ class StatsWriter:
         self._flushed()
         return True
 
+    def _flush_stdout(self, data: bytes) -> bool:
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(1, data[written:])
+        except OSError as exc:
+            # What went out stays out: keep only the rest, so the retry neither doubles nor tears.
+            self._drop_written(written)
+            self._log_error(f"cannot write stats to standard output: {exc.strerror or exc}")
+            return False
+        self.written += len(self._lines)
+        self._lines, self._bytes = [], 0
+        if self.last_error:
+            log.info("stats writing resumed: standard output")
+            self.last_error = None
+        self._flushed()
+        return True
+
+    def _drop_written(self, written: int) -> None:
+        done = 0
+        while self._lines and written >= len(self._lines[0]):
+            written -= len(self._lines[0])
+            self._bytes -= len(self._lines.pop(0))
+            done += 1
+        if written:
+            self._lines[0] = self._lines[0][written:]
+            self._bytes -= written
+        self.written += done
+
     def mark(self) -> tuple[int, int] | None:
-        """(inode, size) of the stats file, None before it exists."""
+        """(inode, size) of the stats file, None before it exists (and for standard output)."""
+        if self.to_stdout:
+            return None
         try:
             info = self.path.stat()
         except OSError:
@@ -153,7 +193,7 @@ def request_ids_after(path: Path, mark: tuple[int, int] | None) -> set[str]:
     """The request ids of the records written to `path` after `mark` ((inode, size) of the file
     at some earlier moment), including a rotation in between: the rotated file (found by its
     inode) from the mark on, and then the whole current file."""
-    if mark is None:
+    if mark is None or path == STDOUT:
         return set()
     inode, size = mark
     try:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what LMGate needs on a Debian/Ubuntu machine (or image), then the package in a venv.
 #   scripts/setup.sh          nginx-light, the njs module, CA certificates, Python venv + lmgate
-#   scripts/setup.sh --dev    the same plus the test dependencies (pytest, the providers' SDKs, wrk, ...)
+#   scripts/setup.sh --dev    the same plus the test dependencies (pytest, the providers' SDKs, wrk,
+#                             kubectl, ...)
 # The Dockerfile runs this same script, so the container gets the nginx/njs that the tests ran.
 # Python packages come from uv.lock, exactly (`uv sync --frozen`): the versions the tests passed
 # with. scripts/lock.sh updates the lock. uv itself is installed from PyPI when it is missing.
@@ -26,6 +27,8 @@ if [ -n "$extra" ]; then
     # echo module.
     command -v wrk >/dev/null 2>&1 || packages+=(wrk)
     [ -f /usr/lib/nginx/modules/ngx_http_echo_module.so ] || packages+=(libnginx-mod-http-echo)
+    # deploy/kubernetes's tests render the manifests with kubectl's built-in kustomize.
+    command -v kubectl >/dev/null 2>&1 || packages+=(kubernetes-client)
 fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 \
     && { [ ! -x "$venv/bin/python" ] || ! command -v uv >/dev/null 2>&1; }; then

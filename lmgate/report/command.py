@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import errno
 import json
 import re
 import sys
@@ -16,7 +17,8 @@ import duckdb
 
 from lmgate.report.output import notes, write_csv, write_json, write_table
 from lmgate.report.prices import PriceError, Pricer, load_prices
-from lmgate.report.query import GROUP_FIELDS, RECORD_FIELDS, Records, open_records, ts_bound
+from lmgate.report.query import GROUP_FIELDS, RECORD_FIELDS, Records, open_many, open_records, ts_bound
+from lmgate.writer import STDOUT
 from lmgate.report.summary import summarize
 
 DEFAULT_BY = "owner,provider,model"
@@ -44,8 +46,17 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
              "also a date-time or a duration before now (default: now)")
 
 
+def add_stats_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stats", metavar="PATH|FOLDER|GLOB", action="append",
+        help="read these stats files instead of stats.output_path: a stats file (and its rotated "
+             "files), a folder (its *.jsonl and *.jsonl.gz files, at any depth) or a quoted glob "
+             "such as 'bucket-sync/*/stats*.jsonl*'; repeatable, each file read once")
+
+
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     add_window_arguments(parser)
+    add_stats_argument(parser)
     parser.add_argument(
         "--by", metavar="FIELDS", default=DEFAULT_BY,
         help=f"comma list of {', '.join(GROUP_FIELDS)} (default: {DEFAULT_BY})")
@@ -61,6 +72,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     add_window_arguments(parser)
+    add_stats_argument(parser)
     parser.add_argument("--parquet", type=Path, metavar="FILE", required=True,
                         help="write the valid records of the window to this Parquet file")
 
@@ -122,17 +134,23 @@ def _report_malformed(records: Records, err: TextIO) -> None:
 
 
 def _open(stats_path: Path, since: dt.datetime | None, until: dt.datetime | None,
-          err: TextIO, command: str = "report") -> Records | None:
+          err: TextIO, command: str = "report", specs: list[str] | None = None) -> Records | None:
     stats_path = Path(stats_path)
+    window = {"since": ts_bound(since) if since else None, "until": ts_bound(until) if until else None}
+    if not specs and stats_path == STDOUT:
+        print(f"lmgate {command}: stats.output_path is \"-\" (the sidecar's standard output): name "
+              "the files the log shipper wrote with --stats", file=err)
+        return None
     try:
-        records = open_records(stats_path, since=ts_bound(since) if since else None,
-                               until=ts_bound(until) if until else None)
+        records = open_many(specs, **window) if specs else open_records(stats_path, **window)
     except OSError as exc:
-        print(f"lmgate {command}: cannot read {exc.filename or stats_path}: {exc.strerror or exc}",
+        where = "--stats " if specs and exc.errno == errno.ENOENT else ""
+        print(f"lmgate {command}: cannot read {where}{exc.filename or stats_path}: {exc.strerror or exc}",
               file=err)
         return None
     if not records.found:
-        print(f"lmgate {command}: no stats yet: {stats_path} does not exist and there are no "
+        named = ", ".join(specs) if specs else str(stats_path)
+        print(f"lmgate {command}: no stats yet: {named} does not exist and there are no "
               "rotated files beside it; the report is empty", file=err)
     return records
 
@@ -173,7 +191,7 @@ def run_report(args: argparse.Namespace, stats_path: Path, prices_path: Path,
         print(f"lmgate report: {exc}", file=err)
         return 2
 
-    records = _open(stats_path, since, until, err)
+    records = _open(stats_path, since, until, err, specs=getattr(args, "stats", None))
     if records is None:
         return 2
     with records:
@@ -242,7 +260,7 @@ def run_export(args: argparse.Namespace, stats_path: Path) -> int:
         print(f"lmgate export: {exc}", file=err)
         return 2
     target = Path(args.parquet)
-    records = _open(stats_path, since, until, err, "export")
+    records = _open(stats_path, since, until, err, "export", getattr(args, "stats", None))
     if records is None:
         return 2
     with records:

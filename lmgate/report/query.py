@@ -14,6 +14,8 @@ have any (a rare event: a torn last line after a crash), since the reader keeps 
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import glob
 import gzip
 import os
 import re
@@ -88,6 +90,36 @@ def stats_files(current: Path) -> list[StatsFile]:
                           StatsFile(current.parent / name, when.replace(tzinfo=dt.timezone.utc))))
     found.sort(key=lambda item: item[:3])
     return [item[3] for item in found] + [StatsFile(current, None)]
+
+
+def is_glob(text: str) -> bool:
+    return glob.has_magic(text)
+
+
+def _stats_like(name: str) -> bool:
+    """A file a folder given to --stats contributes: JSON Lines, plain or compressed."""
+    return name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def files_of(spec: str) -> list[Path]:
+    """The files a --stats folder or glob names, sorted by path: a glob's matches (`**` spans
+    folders; a matching folder stands for its files), a folder's `*.jsonl` and `*.jsonl.gz` files
+    at any depth. FileNotFoundError when there are none."""
+    if is_glob(spec):
+        matches = [Path(m) for m in glob.glob(spec, recursive=True)]
+    else:
+        matches = [Path(spec)]
+    files: list[Path] = []
+    for match in matches:
+        if match.is_dir():
+            files += [Path(root) / name for root, _, names in os.walk(match) for name in names
+                      if _stats_like(name)]
+        elif match.is_file():
+            files.append(match)
+    if not files:
+        what = "matches no file" if is_glob(spec) else "holds no *.jsonl or *.jsonl.gz file"
+        raise FileNotFoundError(errno.ENOENT, what, spec)
+    return sorted(files)
 
 
 # ---------------------------------------------------------------- the records
@@ -216,6 +248,70 @@ def open_records(current: Path, since: str | None = None, until: str | None = No
         records._held.append(held)
     _create_views(con, [src.read for src in sources], since, until)
     return records
+
+
+def open_many(specs: list[str], since: str | None = None, until: str | None = None) -> Records:
+    """Views over the files of several --stats arguments, e.g. many replicas' stats synced from a
+    bucket: a stats file (with its rotated files, as open_records), a folder or a glob. A file
+    reached twice (a folder and a glob that overlap, a symlink) is read once: each record counts
+    once, since request ids are unique per replica's nginx and a file holds each record once.
+    OSError when a file is unreadable or an argument names nothing."""
+    chosen: list[tuple[Path, str]] = []         # (file, label)
+    seen: set[tuple[int, int]] = set()
+    held = []
+    found = False
+    try:
+        for spec in specs:
+            if not is_glob(spec) and not os.path.isdir(spec):
+                # A stats file as the sidecar writes it: itself (held open, as open_records does)
+                # and its rotated files.
+                current = Path(spec)
+                try:
+                    f = open(current, "rb")
+                    os.read(f.fileno(), 0)
+                except FileNotFoundError:
+                    f = None
+                if f is not None:
+                    held.append(f)
+                rotated = stats_files(current)[:-1]
+                if f is None and not rotated:       # named by hand: a typo, not "no stats yet"
+                    raise FileNotFoundError(errno.ENOENT, "no such file, nor rotated files beside it",
+                                            spec)
+                found = True
+                items = [(item.path, item.rotated_at) for item in rotated]
+                for path, rotated_at in items:
+                    if since and rotated_at and ts_bound(rotated_at + ROTATION_MARGIN) < since:
+                        continue
+                    _add(chosen, seen, path, str(path))
+                if f is not None:
+                    via = f"/proc/self/fd/{f.fileno()}"
+                    if _file_id(f) not in seen:
+                        seen.add(_file_id(f))
+                        chosen.append((Path(via) if os.path.exists(via) else current, str(current)))
+                continue
+            for path in files_of(spec):
+                found = True
+                _add(chosen, seen, path, str(path))
+    except BaseException:
+        for f in held:
+            f.close()
+        raise
+    sources = [Source(str(path), label) for path, label in chosen]
+    con = connect()
+    records = Records(con, sources, found, since, until)
+    records._held.extend(held)
+    _create_views(con, [src.read for src in sources], since, until)
+    return records
+
+
+def _add(chosen: list[tuple[Path, str]], seen: set[tuple[int, int]], path: Path, label: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:        # rotated or removed since it was listed
+        return
+    if (st.st_dev, st.st_ino) not in seen:
+        seen.add((st.st_dev, st.st_ino))
+        chosen.append((path, label))
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, files: list[str], since: str | None,

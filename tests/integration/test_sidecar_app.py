@@ -684,3 +684,36 @@ async def test_bad_edit_then_good_edit_through_the_app(make_gate):
     assert (await gate.client.get("/readyz")).status == 200
     resp, _ = await gate.auth({"x-api-key": KEY_BOB})
     assert resp.status == 403
+
+
+async def test_stats_to_stdout_records_on_fd_1_checkpoint_follows_no_folder_asked(make_gate, tmp_path,
+                                                                                  capfd, monkeypatch):
+    """stats.output_path "-": records go to fd 1 as JSON lines, the spool is committed after each
+    batch, and /readyz asks for no stats folder (in a pod the working folder is read-only)."""
+    asked = []
+    monkeypatch.setattr(lmgate.app, "_writable_folder",
+                        lambda folder: asked.append(Path(folder)) or Path(folder) != Path("."))
+    monkeypatch.chdir(tmp_path)
+    gate = await make_gate(stats_path=Path("-"))
+    assert gate.settings.stats.output_path == Path("-")
+    capfd.readouterr()
+    path = gate.write(call_line(rid="out-1"), call_line(rid="out-2"))
+    size = path.stat().st_size
+
+    def shipped() -> list[dict]:
+        shipped.lines += capfd.readouterr().out.splitlines()
+        return [json.loads(line) for line in shipped.lines]
+    shipped.lines = []
+    await wait_until_async(lambda: len(shipped()) >= 2, 5, "two records on stdout")
+    assert [r["request_id"] for r in shipped()] == ["out-1", "out-2"]
+    # Committed once written: the checkpoint has read the spool file to its end.
+    def committed() -> bool:
+        try:
+            return spool_checkpoint(gate.spool).get(path.name, [0, 0])[1] == size
+        except FileNotFoundError:
+            return False
+    await wait_until_async(committed, 5, "the checkpoint to mark the spool file read")
+    code, body = await gate.readyz()
+    assert code == 200 and body["problems"] == [] and body["stats_written"] == 2
+    assert Path(".") not in asked
+    assert not (tmp_path / "-").exists()

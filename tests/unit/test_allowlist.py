@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import lmgate.allowlist as allowlist_mod
 from lmgate.allowlist import AllowListError, AllowListHolder, load_allowlist, parse_allowlist
 from lmgate.keys import hash_key, mask_key
+from tests.support.secret_volume import SecretVolume
 from tests.support.wait import wait_until_async
 
 pytestmark = pytest.mark.unit
@@ -634,5 +636,46 @@ async def test_poller_survives_unexpected_error(keyfile, monkeypatch):
     try:
         await wait_until_async(lambda: len(calls) >= 3, 2, "three polls")
         assert not task.done()
+    finally:
+        task.cancel()
+
+
+# ---------------------------------------------------------------- a Kubernetes Secret volume
+
+@pytest.mark.parametrize("same_mtime_and_size", [False, True])
+def test_holder_sees_a_kubernetes_secret_update(tmp_path, set_mtime, same_mtime_and_size):
+    secret = SecretVolume(tmp_path / "secret", set_mtime)
+    secret.write({"allowlist.csv": HEADER + f"alice,{KEY_A},Alice,2024\n"})
+    path = secret.mount / "allowlist.csv"
+    assert path.is_symlink() and os.readlink(path) == "..data/allowlist.csv"
+    holder = AllowListHolder(path, 30)
+    assert holder.current.lookup(KEY_A).id == "alice"
+    assert holder.check() is False
+
+    before = os.stat(path)
+    other = KEY_A[:-1] + "X"                      # same length: same file size
+    secret.write({"allowlist.csv": HEADER + f"alice,{other},Alice,2024\n"},
+                 mtime_ns=before.st_mtime_ns if same_mtime_and_size else None)
+    # The key's own symlink never changed: only what it leads to did.
+    assert os.readlink(path) == "..data/allowlist.csv"
+    if same_mtime_and_size:
+        after = os.stat(path)
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert holder.check() is True
+    assert holder.current.lookup(other).id == "alice"
+    assert holder.current.lookup(KEY_A) is None
+    assert holder.check() is False
+
+
+async def test_holder_poller_applies_a_kubernetes_secret_update(tmp_path, set_mtime):
+    secret = SecretVolume(tmp_path / "secret", set_mtime)
+    secret.write({"allowlist.csv": HEADER + f"alice,{KEY_A},Alice,2024\n"})
+    holder = AllowListHolder(secret.mount / "allowlist.csv", 0.02)
+    task = asyncio.create_task(holder.poll_forever())
+    try:
+        secret.write({"allowlist.csv": HEADER + f"bob,{KEY_B},Bob,2024\n"})
+        await wait_until_async(lambda: holder.current.lookup(KEY_B) is not None, 5,
+                               "the poller to load the updated Secret")
+        assert holder.current.lookup(KEY_A) is None
     finally:
         task.cancel()

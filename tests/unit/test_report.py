@@ -753,3 +753,79 @@ def test_report_reads_only_the_stats_and_report_settings(tmp_path: Path, capsys)
     config.write_text("stats:\n  output_path: 7\n  rotate_bytes: many\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="stats.rotate_bytes"):
         cli.run(["report", "--config", str(config)])
+
+
+# ---------------------------------------------------------------- many replicas: --stats
+
+def replicas(root: Path) -> dict[str, int]:
+    """Three replicas' stats as a bucket sync lays them out (pod folders, current and rotated,
+    one compressed): 2 + 3 + 1 calls, request ids unique per replica only."""
+    calls = {}
+    for n, (pod, count) in enumerate((("lmgate-7d9f-a", 2), ("lmgate-7d9f-b", 3), ("lmgate-7d9f-c", 1))):
+        folder = root / pod
+        records = [rec(f"2026-11-10T10:00:0{i}.000Z", owner=pod, request_id=f"{i:032x}") for i in range(count)]
+        write(folder / "stats.20261110T000000Z.jsonl", records[:1])
+        if n == 1:
+            with gzip.open(folder / "stats.20261110T000001Z.jsonl.gz", "wt", encoding="utf-8") as f:
+                f.write(line(records[1]))
+            records = records[:1] + records[2:]
+            calls[pod] = count
+        write(folder / "stats.jsonl", records[1:])
+        calls[pod] = count
+    write(root / "notes.txt", ["not stats\n"])
+    return calls
+
+
+def test_stats_glob_reads_every_replica_once(run, tmp_path: Path) -> None:
+    calls = replicas(tmp_path / "bucket-sync")
+    got = as_json(run("--format", "json", "--by", "owner",
+                      "--stats", str(tmp_path / "bucket-sync" / "*" / "stats*.jsonl*")))
+    assert {r["owner"]: r["requests"] for r in got} == calls
+
+
+def test_stats_folder_reads_its_jsonl_files_at_any_depth(run, tmp_path: Path) -> None:
+    calls = replicas(tmp_path / "bucket-sync")
+    got = as_json(run("--format", "json", "--by", "owner", "--stats", str(tmp_path / "bucket-sync")))
+    assert {r["owner"]: r["requests"] for r in got} == calls
+
+
+def test_stats_overlapping_arguments_read_each_file_once(run, tmp_path: Path) -> None:
+    calls = replicas(tmp_path / "bucket-sync")
+    root = tmp_path / "bucket-sync"
+    (tmp_path / "link").symlink_to(root / "lmgate-7d9f-b")
+    got = as_json(run("--format", "json", "--by", "owner", "--stats", str(root),
+                      "--stats", str(root / "*" / "*.jsonl*"), "--stats", str(tmp_path / "link"),
+                      "--stats", str(root / "lmgate-7d9f-a" / "stats.jsonl")))
+    assert {r["owner"]: r["requests"] for r in got} == calls
+
+
+def test_stats_file_brings_its_rotated_files(run, tmp_path: Path) -> None:
+    calls = replicas(tmp_path / "bucket-sync")
+    got = as_json(run("--format", "json", "--by", "owner",
+                      "--stats", str(tmp_path / "bucket-sync" / "lmgate-7d9f-b" / "stats.jsonl")))
+    assert {r["owner"]: r["requests"] for r in got} == {"lmgate-7d9f-b": calls["lmgate-7d9f-b"]}
+
+
+@pytest.mark.parametrize("what", ["glob", "folder"])
+def test_stats_naming_nothing_is_a_one_line_error(run, tmp_path: Path, what: str) -> None:
+    (tmp_path / "empty").mkdir()
+    spec = str(tmp_path / "nowhere" / "*.jsonl") if what == "glob" else str(tmp_path / "empty")
+    code, out, err = run("--stats", spec)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and spec in err and "--stats" in err
+    assert ("matches no file" if what == "glob" else "no *.jsonl") in err
+
+
+def test_stdout_output_path_without_stats_says_to_name_the_files(run, tmp_path: Path) -> None:
+    code, out, err = run(stats=Path("-"))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "--stats" in err and "standard output" in err
+
+
+def test_stats_file_that_does_not_exist_is_a_one_line_error(run, tmp_path: Path) -> None:
+    calls = replicas(tmp_path / "bucket-sync")
+    assert calls
+    missing = tmp_path / "bucket-sync" / "lmgate-7d9f-z" / "stats.jsonl"
+    code, out, err = run("--stats", str(tmp_path / "bucket-sync"), "--stats", str(missing))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and str(missing) in err and "no such file" in err

@@ -535,3 +535,9 @@ def test_report_runs_from_a_config_of_ones_own_without_a_price_overrides_file(pa
     with pytest.raises(SystemExit) as done:
         cli.main(["report", "--config", str(named)])
     assert done.value.code == 2 and "typo.yaml: cannot read price file" in capsys.readouterr().err
+
+
+def test_stats_output_path_dash_is_standard_output_not_a_file_beside_the_config():
+    s = load_settings(SHIPPED, environ={"LMGATE_STATS__OUTPUT_PATH": "-", "LMGATE_STATS__SPOOL_DIR": "spool"})
+    assert s.stats.output_path == Path("-")
+    assert s.stats.spool_dir == SHIPPED.parent / "spool"      # other relative paths still resolve

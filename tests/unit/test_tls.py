@@ -77,7 +77,7 @@ def test_render_with_http_port_adds_a_plain_listener(tmp_path):
     s = _settings(tls_cert_path="/c.pem", tls_key_path="/k.pem", http_port=8000)
     text = render(s, tmp_path, njs_module=None)
     assert "listen 0.0.0.0:8080 ssl http2 reuseport backlog=4096;" in text
-    assert "listen 0.0.0.0:8000 reuseport backlog=4096;" in text
+    assert "listen 127.0.0.1:8000 reuseport backlog=4096;" in text
 
 
 # ---------------------------------------------------------------- the pair's check

@@ -475,3 +475,83 @@ async def test_flush_forever_survives_a_surprise(tmp_path, monkeypatch):
         assert not task.done()
     finally:
         task.cancel()
+
+
+# ---------------------------------------------------------------- standard output ("-")
+
+class StdoutOS(FakeOS):
+    """os.write to fd 1 goes to `out`; the rest is the real os module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.fds: set[int] = set()
+
+    def write(self, fd, data):
+        self.fds.add(fd)
+        self.write_calls += 1
+        if self.fail is not None:
+            # As the kernel does it: a short write returns its count, the next write fails.
+            if self.partial_bytes:
+                part, self.partial_bytes = bytes(data[: self.partial_bytes]), 0
+                self.out += part
+                return len(part)
+            raise self.fail
+        self.out += bytes(data)
+        return len(data)
+
+
+@pytest.fixture
+def stdout_os(monkeypatch) -> StdoutOS:
+    fake = StdoutOS()
+    monkeypatch.setattr(writer_mod, "os", fake)
+    return fake
+
+
+def test_stdout_mode_writes_each_batch_to_fd_1_and_no_file(tmp_path, monkeypatch, stdout_os):
+    monkeypatch.chdir(tmp_path)
+    w = StatsWriter(writer_mod.STDOUT, rotate_bytes=10, flush_interval=60)
+    flushed = []
+    w.on_flushed = lambda: flushed.append(bytes(stdout_os.out))
+    for i in range(3):
+        w.add(rec(i))
+    assert stdout_os.out == b""
+    assert w.flush() is True
+    w.add(rec(3))
+    assert w.flush() is True
+    assert stdout_os.fds == {1}
+    assert [json.loads(line) for line in stdout_os.out.splitlines()] == [rec(i) for i in range(4)]
+    # The checkpoint runs after each batch is out, and sees it whole.
+    assert [len(out.splitlines()) for out in flushed] == [3, 4]
+    assert w.written == 4
+    # No file named "-", no rotation, no mark (nothing on disk to compare with after a restart).
+    assert list(tmp_path.iterdir()) == []
+    assert w.mark() is None
+    assert writer_mod.request_ids_after(writer_mod.STDOUT, (1, 0)) == set()
+
+
+@pytest.mark.parametrize("partial", [0, 1, 17, 100])
+def test_stdout_cut_short_resumes_where_it_stopped(stdout_os, caplog, partial):
+    """What reached stdout is committed: the retry writes exactly the rest, no line torn or doubled."""
+    w = StatsWriter(writer_mod.STDOUT, rotate_bytes=10, flush_interval=60)
+    for i in range(4):
+        w.add(rec(i))
+    stdout_os.fail = OSError(errno.EAGAIN, "Resource temporarily unavailable")
+    stdout_os.partial_bytes = partial
+    with caplog.at_level(logging.ERROR, logger="lmgate.stats"):
+        assert w.flush() is False
+    assert "standard output" in caplog.text
+    assert w.last_error
+    first_line = len(orjson_line(rec(0)))
+    assert w.written == (1 if partial >= first_line else 0)
+    assert w.buffered == 4 - w.written
+    stdout_os.fail = None
+    assert w.flush() is True
+    assert [json.loads(line) for line in stdout_os.out.splitlines()] == [rec(i) for i in range(4)]
+    assert w.written == 4 and w.buffered == 0 and w.last_error is None
+
+
+def orjson_line(record: dict) -> bytes:
+    w = StatsWriter(writer_mod.STDOUT, rotate_bytes=10, flush_interval=60)
+    w.add(record)
+    return w._lines[0]
