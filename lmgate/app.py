@@ -5,6 +5,7 @@ Endpoints (never exposed through nginx's public port):
 - GET  /livez   the process answers.
 - GET  /readyz  the allow-list is loaded, the stats file's folder is writable, the spool is read,
                 and nginx's calls reach it (lmgate/readiness.py).
+- GET  /metrics Prometheus text format (lmgate/metrics.py).
 Records come from the spool folder that nginx appends to (lmgate/spool.py), read in batches off
 the request path.
 """
@@ -25,6 +26,9 @@ from lmgate.allowlist import AllowListHolder, mask_key
 from lmgate.readiness import SPOOL_WORD as READINESS_WORD
 from lmgate.readiness import ReadinessProbe
 from lmgate.keys import KeyProblem, extract_key
+from lmgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from lmgate.metrics import Metrics
+from lmgate.readiness import STUB_STATUS_PATH
 from lmgate.refusals import RefusalFolder
 from lmgate.settings import Settings, size_bytes
 from lmgate.spool import SpoolReader
@@ -35,6 +39,7 @@ log = logging.getLogger("lmgate.sidecar")
 SETTINGS = web.AppKey("settings", Settings)
 ALLOWLIST = web.AppKey("allowlist", AllowListHolder)
 WRITER = web.AppKey("writer", StatsWriter)
+METRICS = web.AppKey("metrics", Metrics)
 
 # Spool lines turned into records before the loop serves anything else (a few milliseconds).
 BATCH = 128
@@ -70,6 +75,18 @@ SPOOL_TASK = web.AppKey("spool_task", asyncio.Task)
 
 
 async def auth(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    response = _auth_answer(request)
+    metrics.auth_seconds.observe(time.perf_counter() - started)
+    if response.status == 200:
+        metrics.allowed += 1
+    else:
+        metrics.refused += 1
+    return response
+
+
+def _auth_answer(request: web.Request) -> web.Response:
     # The answer has no body: nginx never reads an auth subrequest's body, and one would cost it
     # its keepalive connection to the sidecar.
     try:
@@ -98,6 +115,19 @@ async def livez(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
+    problems = _problems(app)
+    holder, writer, spool = app[ALLOWLIST], app[WRITER], app[SPOOL]
+    body = {"ready": not problems, "allowlist_keys": len(holder.current),
+            "stats_buffered": writer.buffered, "stats_written": writer.written,
+            "spool_lines_read": spool.lines, "spool_bad_lines": spool.bad_lines,
+            "spool_backlog_bytes": spool.backlog_bytes, "problems": problems}
+    # For `lmgate doctor`: when the list in force was loaded, and why the last reload was refused.
+    body["allowlist_loaded_at"] = records.iso_utc(holder.loaded_at)
+    body["allowlist_last_error"] = holder.last_error
+    return web.json_response(body, status=503 if problems else 200)
+
+
+def _problems(app: web.Application) -> list[str]:
     problems = []
     holder = app[ALLOWLIST]
     if holder.last_error:
@@ -116,14 +146,36 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"spool: {spool.folder} is not writable")
     if app[READINESS].problem:
         problems.append(f"spool: {app[READINESS].problem}")
-    body = {"ready": not problems, "allowlist_keys": len(holder.current),
-            "stats_buffered": writer.buffered, "stats_written": writer.written,
-            "spool_lines_read": spool.lines, "spool_bad_lines": spool.bad_lines,
-            "spool_backlog_bytes": spool.backlog_bytes, "problems": problems}
-    # For `lmgate doctor`: when the list in force was loaded, and why the last reload was refused.
-    body["allowlist_loaded_at"] = records.iso_utc(holder.loaded_at)
-    body["allowlist_last_error"] = holder.last_error
-    return web.json_response(body, status=503 if problems else 200)
+    return problems
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    m = app[METRICS]
+    await m.scrape_nginx(app[READINESS].socket, STUB_STATUS_PATH)
+    return web.Response(body=m.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def _pipeline(app: web.Application) -> dict[str, float]:
+    """The values /metrics reads at scrape time (metrics.PIPELINE names them)."""
+    holder, writer, spool = app[ALLOWLIST], app[WRITER], app[SPOOL]
+    return {
+        "lmgate_spool_backlog_bytes": spool.backlog_bytes,
+        "lmgate_spool_lines_read_total": spool.lines,
+        "lmgate_spool_bad_lines_total": spool.bad_lines,
+        "lmgate_records_buffered": writer.buffered,
+        "lmgate_records_written_total": writer.written,
+        "lmgate_records_dropped_total": writer.dropped,
+        "lmgate_stats_flushes_total": writer.flushes,
+        "lmgate_stats_rotations_total": writer.rotations,
+        "lmgate_stats_write_errors_total": writer.write_errors,
+        "lmgate_allowlist_keys": len(holder.current),
+        "lmgate_allowlist_reloads_total": holder.reloads,
+        "lmgate_allowlist_reload_errors_total": holder.reload_errors,
+        "lmgate_allowlist_last_reload_failed": 1 if holder.last_error else 0,
+        "lmgate_allowlist_loaded_timestamp_seconds": holder.loaded_at,
+        "lmgate_readiness_problems": len(_problems(app)),
+    }
 
 
 def _writable_folder(folder) -> bool:
@@ -198,6 +250,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         log.error("cannot create the spool folder %s: %s", s.spool_dir, exc.strerror or exc)
     writer = StatsWriter(s.output_path, s.rotate_bytes, s.flush_interval_seconds)
     app[WRITER] = writer
+    writer.on_add = app[METRICS].observe
     # The spool reader lives with the writer: its checkpoint follows the writer's flushes, the
     # last one at shutdown included (spool_ctx only drives the reading).
     readiness = app[READINESS] = ReadinessProbe(s.spool_dir.resolve())
@@ -254,6 +307,8 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
                                                settings.auth.poll_interval_seconds)
     # Order matters for shutdown (cleanup runs in reverse): the spool is read to its end, then
     # the writer flushes.
+    app[METRICS] = Metrics(settings.metrics.per_key_labels, settings.report.prices_path)
+    app[METRICS].pipeline = lambda: _pipeline(app)
     app.cleanup_ctx.append(writer_ctx)
     app.cleanup_ctx.append(allowlist_ctx)
     app.cleanup_ctx.append(spool_ctx)
@@ -261,6 +316,7 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     # WebSocket APIs: nginx hands their handshakes to the relay (lmgate/ws_relay.py).
     ws_relay.register(app, settings, ALLOWLIST, WRITER)
     return app

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from lmgate.readiness import PATH_PREFIX as READINESS_PATH
 from lmgate.readiness import SOCKET_NAME as READINESS_SOCKET_NAME
+from lmgate.readiness import STUB_STATUS_PATH
 from lmgate.permissions import User, usable, user_named
 from lmgate.providers import KEY_HEADERS, KEY_PARAMS, PROVIDERS, STREAM_USAGE_PATHS, error_body
 from lmgate.settings import Settings
@@ -265,6 +266,7 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "SPOOL_DIR": str(settings.stats.spool_dir.resolve()),
         "READINESS_SOCKET": str(readiness_socket(settings)),
         "READINESS_PATH": READINESS_PATH,
+        "STUB_STATUS_PATH": STUB_STATUS_PATH,
         "SPOOL_LOG": _spool_log(settings),  # the canary and readiness locations'
         "AUTH_TIMEOUT": f"{settings.server.auth_timeout_ms}ms",
         "AUTH_CACHE_ZONE": _auth_cache_zone(settings, temp_dir),
