@@ -66,9 +66,11 @@ class Metrics:
                 log.error("metrics: %s; cost is priced by genai-prices alone", exc)
         self.pricer = Pricer(overrides)
         self._thresholds = self.pricer.thresholds()
+        self._lowest = self._thresholds[0] if self._thresholds else float("inf")
         self.folded_calls = 0
         self.unavailable = 0
-        self.newest: tuple[str, float, float] | None = None  # (timestamp, duration_ms, added at)
+        self.newest: dict[str, Any] | None = None  # the last record, and when it was added
+        self.newest_at = 0.0
         self.nginx: tuple[int, ...] | None = None
         self.auth_seconds = Histogram("lmgate_auth_duration_seconds",
                                       "Time the sidecar took to answer nginx's /auth subrequests",
@@ -98,13 +100,13 @@ class Metrics:
             self.folded_calls += folded
         else:
             slot[_CALLS] += 1
-        duration = record["duration_ms"]
-        self.newest = (record["timestamp"], duration, time.time())
+        self.newest = record
+        self.newest_at = time.time()
         if error in DENIED:
             if error == "gate_unavailable":
                 self.unavailable += 1
             return
-        seconds = duration / 1000
+        seconds = record["duration_ms"] / 1000
         slot[_DCOUNT] += 1
         slot[_DSUM] += seconds
         slot[_BUCKETS + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
@@ -132,10 +134,8 @@ class Metrics:
         slot[_TOKENS + 2] += cr
         slot[_TOKENS + 3] += cw
         slot[_TOKENS + 4] += rsn
-        tier = 0
-        for start in self._thresholds:
-            if prompt > start:
-                tier += 1
+        # How many long-context thresholds the prompt exceeds (most calls: none).
+        tier = bisect.bisect_left(self._thresholds, prompt) if prompt > self._lowest else 0
         price_key = (key[0], fmt, key[1], record["timestamp"][:10], tier)
         units = self._prices.get(price_key, False)
         if units is False:
@@ -251,10 +251,9 @@ class _Collector:
         newest = GaugeMetricFamily("lmgate_newest_record_end_timestamp_seconds",
                                    "When the newest record's call ended (Unix time)")
         if m.newest is not None:
-            timestamp, duration_ms, added = m.newest
             try:
-                end = _epoch(timestamp) + duration_ms / 1000
-                lag.add_metric([], max(added - end, 0.0))
+                end = _epoch(m.newest["timestamp"]) + m.newest["duration_ms"] / 1000
+                lag.add_metric([], max(m.newest_at - end, 0.0))
                 newest.add_metric([], end)
             except ValueError:
                 pass
