@@ -228,6 +228,8 @@ class _Collector:
             cost.add_metric(list(key), values[_COST])
             unpriced.add_metric(list(key), values[_UNPRICED])
         for base, h in hist.items():
+            if not h[0]:      # only refused calls: no upstream duration
+                continue
             total, counts = h[1], h[2:]
             buckets, running = [], 0
             for bound, n in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
