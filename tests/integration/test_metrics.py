@@ -168,3 +168,15 @@ async def test_nginx_stub_status_is_read_on_the_readiness_socket(make_gate):
     assert value(m, "nginx_http_requests_total") == 42
     assert (value(m, "nginx_connections_reading"), value(m, "nginx_connections_writing"),
             value(m, "nginx_connections_waiting")) == (0, 1, 2)
+
+
+async def test_a_bad_price_file_is_one_logged_line_and_the_gate_runs(make_gate, tmp_path, caplog):
+    bad = tmp_path / "prices.yaml"
+    bad.write_text("prices_as_of: 2026-12-01\ncurrency: EUR\n", encoding="utf-8")
+    gate = await make_gate(LMGATE_REPORT__PRICES_PATH=str(bad))
+    [line] = [r.getMessage() for r in caplog.records if r.name == "lmgate.sidecar" and "metrics:" in r.getMessage()]
+    assert str(bad) in line and "genai-prices alone" in line and "\n" not in line
+    gate.write(call_line(rid="a1"))
+    await gate.wait_records(1)
+    _, m = await scrape(gate)
+    assert value(m, "lmgate_cost_usd_total", provider="openai", model="gpt-4o-mini") > 0
