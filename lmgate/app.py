@@ -3,9 +3,9 @@
 Endpoints (never exposed through nginx's public port):
 - GET  /auth    yes/no for the key in the original request's headers; 200 carries X-LMGate-ID.
 - GET  /livez   the process answers.
+- GET  /metrics Prometheus text format (lmgate/metrics.py; docs/metrics.md).
 - GET  /readyz  the allow-list is loaded, the stats file's folder is writable, the spool is read,
                 and nginx's calls reach it (lmgate/readiness.py).
-- GET  /metrics Prometheus text format (lmgate/metrics.py).
 Records come from the spool folder that nginx appends to (lmgate/spool.py), read in batches off
 the request path.
 """
@@ -13,22 +13,24 @@ the request path.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
+from time import perf_counter
 from typing import AsyncIterator
 from urllib.parse import quote
 
 from aiohttp import web
+from lmgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from lmgate.metrics import Metrics
+from lmgate.readiness import STUB_STATUS_PATH
 
 from lmgate import records, ws_relay
 from lmgate.allowlist import AllowListHolder, mask_key
 from lmgate.readiness import SPOOL_WORD as READINESS_WORD
 from lmgate.readiness import ReadinessProbe
 from lmgate.keys import KeyProblem, extract_key
-from lmgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from lmgate.metrics import Metrics
-from lmgate.readiness import STUB_STATUS_PATH
 from lmgate.refusals import RefusalFolder
 from lmgate.settings import Settings, size_bytes
 from lmgate.spool import SpoolReader
@@ -39,7 +41,6 @@ log = logging.getLogger("lmgate.sidecar")
 SETTINGS = web.AppKey("settings", Settings)
 ALLOWLIST = web.AppKey("allowlist", AllowListHolder)
 WRITER = web.AppKey("writer", StatsWriter)
-METRICS = web.AppKey("metrics", Metrics)
 
 # Spool lines turned into records before the loop serves anything else (a few milliseconds).
 BATCH = 128
@@ -76,9 +77,9 @@ SPOOL_TASK = web.AppKey("spool_task", asyncio.Task)
 
 async def auth(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
-    started = time.perf_counter()
+    started = perf_counter()
     response = _auth_answer(request)
-    metrics.auth_seconds.observe(time.perf_counter() - started)
+    metrics.auth_seconds.observe(perf_counter() - started)
     if response.status == 200:
         metrics.allowed += 1
     else:
@@ -115,19 +116,6 @@ async def livez(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
-    problems = _problems(app)
-    holder, writer, spool = app[ALLOWLIST], app[WRITER], app[SPOOL]
-    body = {"ready": not problems, "allowlist_keys": len(holder.current),
-            "stats_buffered": writer.buffered, "stats_written": writer.written,
-            "spool_lines_read": spool.lines, "spool_bad_lines": spool.bad_lines,
-            "spool_backlog_bytes": spool.backlog_bytes, "problems": problems}
-    # For `lmgate doctor`: when the list in force was loaded, and why the last reload was refused.
-    body["allowlist_loaded_at"] = records.iso_utc(holder.loaded_at)
-    body["allowlist_last_error"] = holder.last_error
-    return web.json_response(body, status=503 if problems else 200)
-
-
-def _problems(app: web.Application) -> list[str]:
     problems = []
     holder = app[ALLOWLIST]
     if holder.last_error:
@@ -146,12 +134,24 @@ def _problems(app: web.Application) -> list[str]:
         problems.append(f"spool: {spool.folder} is not writable")
     if app[READINESS].problem:
         problems.append(f"spool: {app[READINESS].problem}")
-    return problems
+    body = {"ready": not problems, "allowlist_keys": len(holder.current),
+            "stats_buffered": writer.buffered, "stats_written": writer.written,
+            "spool_lines_read": spool.lines, "spool_bad_lines": spool.bad_lines,
+            "spool_backlog_bytes": spool.backlog_bytes, "problems": problems}
+    # For `lmgate doctor`: when the list in force was loaded, and why the last reload was refused.
+    body["allowlist_loaded_at"] = records.iso_utc(holder.loaded_at)
+    body["allowlist_last_error"] = holder.last_error
+    return web.json_response(body, status=503 if problems else 200)
+
+
+METRICS = web.AppKey("metrics", Metrics)
 
 
 async def metrics(request: web.Request) -> web.Response:
     app = request.app
     m = app[METRICS]
+    # /readyz's own answer says how many problems there are: one source for both.
+    m.readiness_problems = len(json.loads((await readyz(request)).text)["problems"])
     await m.scrape_nginx(app[READINESS].socket, STUB_STATUS_PATH)
     return web.Response(body=m.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -174,8 +174,14 @@ def _pipeline(app: web.Application) -> dict[str, float]:
         "lmgate_allowlist_reload_errors_total": holder.reload_errors,
         "lmgate_allowlist_last_reload_failed": 1 if holder.last_error else 0,
         "lmgate_allowlist_loaded_timestamp_seconds": holder.loaded_at,
-        "lmgate_readiness_problems": len(_problems(app)),
+        "lmgate_readiness_problems": app[METRICS].readiness_problems,
     }
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    # After the writer's context: every record it takes is counted (the relay's too).
+    app[WRITER].on_add = app[METRICS].observe
+    yield
 
 
 def _writable_folder(folder) -> bool:
@@ -250,7 +256,6 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         log.error("cannot create the spool folder %s: %s", s.spool_dir, exc.strerror or exc)
     writer = StatsWriter(s.output_path, s.rotate_bytes, s.flush_interval_seconds)
     app[WRITER] = writer
-    writer.on_add = app[METRICS].observe
     # The spool reader lives with the writer: its checkpoint follows the writer's flushes, the
     # last one at shutdown included (spool_ctx only drives the reading).
     readiness = app[READINESS] = ReadinessProbe(s.spool_dir.resolve())
@@ -307,8 +312,6 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
                                                settings.auth.poll_interval_seconds)
     # Order matters for shutdown (cleanup runs in reverse): the spool is read to its end, then
     # the writer flushes.
-    app[METRICS] = Metrics(settings.metrics.per_key_labels, settings.report.prices_path)
-    app[METRICS].pipeline = lambda: _pipeline(app)
     app.cleanup_ctx.append(writer_ctx)
     app.cleanup_ctx.append(allowlist_ctx)
     app.cleanup_ctx.append(spool_ctx)
@@ -316,6 +319,9 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    app[METRICS] = Metrics(settings.metrics.per_key_labels, settings.report.prices_path)
+    app[METRICS].pipeline = lambda: _pipeline(app)
+    app.cleanup_ctx.append(metrics_ctx)
     app.router.add_get("/metrics", metrics)
     # WebSocket APIs: nginx hands their handshakes to the relay (lmgate/ws_relay.py).
     ws_relay.register(app, settings, ALLOWLIST, WRITER)

@@ -76,6 +76,7 @@ class Metrics:
                                       "Time the sidecar took to answer nginx's /auth subrequests",
                                       buckets=AUTH_BUCKETS, registry=self.registry)
         self.allowed = 0   # /auth answers
+        self.readiness_problems = 0   # set by the /metrics handler from /readyz's answer
         self.refused = 0
         self.pipeline: Callable[[], dict[str, float]] = dict
         self.registry.register(_Collector(self))

@@ -264,9 +264,9 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "KEY_PARAMS": ",".join(sorted(KEY_PARAMS)),
         "SIDECAR_ADDRESS": f"{sidecar}:{settings.server.port}",
         "SPOOL_DIR": str(settings.stats.spool_dir.resolve()),
+        "STUB_STATUS_PATH": STUB_STATUS_PATH,
         "READINESS_SOCKET": str(readiness_socket(settings)),
         "READINESS_PATH": READINESS_PATH,
-        "STUB_STATUS_PATH": STUB_STATUS_PATH,
         "SPOOL_LOG": _spool_log(settings),  # the canary and readiness locations'
         "AUTH_TIMEOUT": f"{settings.server.auth_timeout_ms}ms",
         "AUTH_CACHE_ZONE": _auth_cache_zone(settings, temp_dir),
