@@ -4,15 +4,14 @@ decisions and timing, the pipeline's values, and nginx's stub_status read on the
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmgate.app import RECORDER, SPOOL
 from lmgate.readiness import SOCKET_NAME, STUB_STATUS_PATH
 from lmgate.report.prices import Pricer
-from tests.support.wait import wait_until_async
 from tests.integration import test_sidecar_app
 from tests.integration.test_sidecar_app import KEY_ALICE, KEY_UNKNOWN, call_line
 
@@ -125,12 +124,13 @@ async def test_per_key_labels_setting(make_gate):
 
 async def test_folded_refusals_count_their_calls(make_gate):
     gate = await make_gate()
-    gate.write(*(call_line(rid=f"d{i}", s=403, err="forbidden", id="", own="", body=b"")
+    # Calls of 20 s ago: their window has ended, so the folded record is written at once.
+    ts = f"{time.time() - 20:.3f}"
+    gate.write(*(call_line(rid=f"d{i}", s=403, err="forbidden", id="", own="", body=b"", ts=ts)
                  for i in range(25)))
-    # 10 recorded one by one, the other 15 folded into one record written when the window ends.
-    await wait_until_async(lambda: gate.app[SPOOL].lines == 25, 5, "the 25 lines read")
-    gate.app[RECORDER].refusals.close_all()
-    await gate.wait_records(11)
+    # 10 recorded one by one, the other 15 folded into one record.
+    records = await gate.wait_records(11)
+    assert [r.get("folded_calls") for r in records].count(15) == 1
     _, m = await scrape(gate)
     assert value(m, "lmgate_calls_total", provider="openai", model="", status_class="4xx",
                  error_type="forbidden") == 25
