@@ -40,11 +40,11 @@ def samples(families, name: str) -> list:
 
 def test_metrics_of_a_running_gate(own_gate, mock_upstream):
     gate = own_gate(LMGATE_METRICS__PER_KEY_LABELS="true")
-    mock_upstream.reply("/v1/chat/completions", body=json.dumps(CHAT).encode(),
+    mock_upstream.reply("/v1/metrics-test/chat", body=json.dumps(CHAT).encode(),
                         content_type="application/json")
     mark = gate.mark()
     for key, status in ((ALICE_KEY, 200), (ALICE_KEY, 200), (BOB_KEY, 200), (UNLISTED_KEY, 403)):
-        resp = httpx.post(gate.base("openai") + "/v1/chat/completions", json={"model": "gpt-4o-mini"},
+        resp = httpx.post(gate.base("openai") + "/v1/metrics-test/chat", json={"model": "gpt-4o-mini"},
                           headers={"Authorization": f"Bearer {key}"}, timeout=10)
         assert resp.status_code == status
     records = gate.new_records(mark, 4)
