@@ -200,6 +200,9 @@ class AllowListHolder:
         self.last_error: str | None = None
         self.loaded_at = time.time()  # when the list in force was read (/readyz, lmgate doctor)
         self.pending = False
+        # For /metrics: lists put in force after the first, and reloads refused.
+        self.reloads = 0
+        self.reload_errors = 0
 
     def _changed(self) -> bool:
         """Whether the file changed and has settled; marks it as seen."""
@@ -251,10 +254,12 @@ class AllowListHolder:
                 log.error("allow-list not reloaded, previous list (%d keys) stays in force: %s",
                           len(self.current), fresh)
             self.last_error = str(fresh)
+            self.reload_errors += 1
             return False
         # A write seen half-way (truncate-then-write) changes the signature again when it ends,
         # so the next poll parses the finished file.
         self.current, self.last_error, self.loaded_at = fresh, None, time.time()
+        self.reloads += 1
         log.info("allow-list reloaded from %s: %d keys", self.path, len(fresh))
         return True
 

@@ -3,6 +3,7 @@
 Endpoints (never exposed through nginx's public port):
 - GET  /auth    yes/no for the key in the original request's headers; 200 carries X-LMGate-ID.
 - GET  /livez   the process answers.
+- GET  /metrics Prometheus text format (lmgate/metrics.py; docs/metrics.md).
 - GET  /readyz  the allow-list is loaded, the stats file's folder is writable, the spool is read,
                 and nginx's calls reach it (lmgate/readiness.py).
 Records come from the spool folder that nginx appends to, off the request path (lmgate/pipeline.py);
@@ -12,8 +13,10 @@ WebSocket APIs pass through a relay (lmgate/ws_relay.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+from time import perf_counter
 from typing import AsyncIterator
 from urllib.parse import quote
 
@@ -22,7 +25,10 @@ from aiohttp import web
 from lmgate import pipeline, records, ws_relay
 from lmgate.allowlist import AllowListHolder
 from lmgate.keys import KeyProblem, extract_key, mask_key
+from lmgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from lmgate.metrics import Metrics
 from lmgate.pipeline import READER_TASK, READINESS, SPOOL, WRITER
+from lmgate.readiness import STUB_STATUS_PATH
 from lmgate.settings import Settings, size_bytes
 from lmgate.writer import STDOUT
 
@@ -44,6 +50,18 @@ _AUTH_CACHE_CONTROL = f"stale-while-revalidate={AUTH_REFRESH_SECONDS}"
 QUERY_HEADER = "X-LMGate-Query"
 
 async def auth(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    started = perf_counter()
+    response = _auth_answer(request)
+    metrics.auth_seconds.observe(perf_counter() - started)
+    if response.status == 200:
+        metrics.allowed += 1
+    else:
+        metrics.refused += 1
+    return response
+
+
+def _auth_answer(request: web.Request) -> web.Response:
     # The answer has no body: nginx never reads an auth subrequest's body, and one would cost it
     # its keepalive connection to the sidecar.
     try:
@@ -100,6 +118,46 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if problems else 200)
 
 
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    m = app[METRICS]
+    # /readyz's own answer says how many problems there are: one source for both.
+    m.readiness_problems = len(json.loads((await readyz(request)).text)["problems"])
+    await m.scrape_nginx(app[READINESS].socket, STUB_STATUS_PATH)
+    return web.Response(body=m.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def _pipeline(app: web.Application) -> dict[str, float]:
+    """The values /metrics reads at scrape time (metrics.PIPELINE names them)."""
+    holder, writer, spool = app[ALLOWLIST], app[WRITER], app[SPOOL]
+    return {
+        "lmgate_spool_backlog_bytes": spool.backlog_bytes,
+        "lmgate_spool_lines_read_total": spool.lines,
+        "lmgate_spool_bad_lines_total": spool.bad_lines,
+        "lmgate_records_buffered": writer.buffered,
+        "lmgate_records_written_total": writer.written,
+        "lmgate_records_dropped_total": writer.dropped,
+        "lmgate_stats_flushes_total": writer.flushes,
+        "lmgate_stats_rotations_total": writer.rotations,
+        "lmgate_stats_write_errors_total": writer.write_errors,
+        "lmgate_allowlist_keys": len(holder.current),
+        "lmgate_allowlist_reloads_total": holder.reloads,
+        "lmgate_allowlist_reload_errors_total": holder.reload_errors,
+        "lmgate_allowlist_last_reload_failed": 1 if holder.last_error else 0,
+        "lmgate_allowlist_loaded_timestamp_seconds": holder.loaded_at,
+        "lmgate_readiness_problems": app[METRICS].readiness_problems,
+    }
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    # After the writer's context: every record it takes is counted (the relay's too).
+    app[WRITER].on_add = app[METRICS].observe
+    yield
+
+
 def _writable_folder(folder) -> bool:
     existing = folder if folder.exists() else folder.parent
     return existing.is_dir() and os.access(existing, os.W_OK)
@@ -123,6 +181,10 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    app[METRICS] = Metrics(settings.metrics.per_key_labels, settings.report.prices_path)
+    app[METRICS].pipeline = lambda: _pipeline(app)
+    app.cleanup_ctx.append(metrics_ctx)
+    app.router.add_get("/metrics", metrics)
     # WebSocket APIs: nginx hands their handshakes to the relay (lmgate/ws_relay.py).
     ws_relay.register(app, settings, ALLOWLIST, WRITER)
     return app

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from lmgate.readiness import PATH_PREFIX as READINESS_PATH
 from lmgate.readiness import SOCKET_NAME as READINESS_SOCKET_NAME
+from lmgate.readiness import STUB_STATUS_PATH
 from lmgate.permissions import User, usable, user_named
 from lmgate.providers import KEY_HEADERS, KEY_PARAMS, KEY_SUBPROTOCOLS, SUBPROTOCOL_HEADER, PROVIDERS, STREAM_USAGE_PATHS, error_body
 from lmgate.settings import Settings
@@ -277,6 +278,7 @@ def render(settings: Settings, runtime_dir: Path | None = None, njs_module: Path
         "KEY_PARAMS": ",".join(sorted(KEY_PARAMS)),
         "SIDECAR_ADDRESS": f"{sidecar}:{settings.server.port}",
         "SPOOL_DIR": str(settings.stats.spool_dir.resolve()),
+        "STUB_STATUS_PATH": STUB_STATUS_PATH,
         "READINESS_SOCKET": str(readiness_socket(settings)),
         "READINESS_PATH": READINESS_PATH,
         "SPOOL_ACCESS_LOG": _spool_access_log(settings),  # the canary and readiness locations'

@@ -22,6 +22,8 @@ log = logging.getLogger("lmgate.sidecar")
 
 SOCKET_NAME = "readiness.sock"
 PATH_PREFIX = "/_lmgate/readiness/"
+# nginx's stub_status on the same socket, read by the sidecar's /metrics (lmgate/metrics.py).
+STUB_STATUS_PATH = "/_lmgate/stub_status"
 # The probe's $lmgate_error word in the spool line: the sidecar takes such lines as probes, not calls.
 SPOOL_WORD = "readiness"
 INTERVAL_SECONDS = 5.0

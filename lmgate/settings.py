@@ -112,6 +112,12 @@ class ReportSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsSettings:
+    # owner and lmgate_id labels on the per-call metrics: one series per key (cardinality).
+    per_key_labels: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingSettings:
     level: str = "info"
 
@@ -124,6 +130,7 @@ class Settings:
     stats: StatsSettings = StatsSettings()
     providers: dict[str, ProviderSettings] = dataclasses.field(default_factory=_default_providers)
     report: ReportSettings = ReportSettings()
+    metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     source: Path = Path("<defaults>")
 

@@ -58,6 +58,12 @@ class StatsWriter:
         self._last_error_logged = 0.0
         # Called after each flush that left nothing buffered: everything added is on disk.
         self.on_flushed: Callable[[], None] | None = None
+        # For /metrics: flushes that wrote records, rotations, refused writes; and a hook that
+        # sees every record added (lmgate/metrics.py).
+        self.flushes = 0
+        self.rotations = 0
+        self.write_errors = 0
+        self.on_add: Callable[[dict[str, Any]], None] | None = None
 
     def add(self, record: dict[str, Any]) -> None:
         try:
@@ -70,6 +76,8 @@ class StatsWriter:
                 "utf-8", "backslashreplace") + b"\n"
         self._lines.append(line)
         self._bytes += len(line)
+        if self.on_add is not None:
+            self.on_add(record)
         if len(self._lines) > MAX_BUFFERED_RECORDS:
             self._bytes -= len(self._lines.pop(0))
             self.dropped += 1
@@ -109,8 +117,10 @@ class StatsWriter:
             finally:
                 os.close(fd)
         except OSError as exc:
+            self.write_errors += 1
             self._log_error(f"cannot write stats to {self.path}: {exc.strerror or exc}")
             return False
+        self.flushes += 1
         self.written += len(self._lines)
         self._lines, self._bytes = [], 0
         if self.last_error:
@@ -170,6 +180,7 @@ class StatsWriter:
         if size and size + incoming > self.rotate_bytes:
             target = rotated_name(self.path)
             os.rename(self.path, target)
+            self.rotations += 1
             log.info("stats rotated to %s", target)
 
     def _log_error(self, message: str) -> None:

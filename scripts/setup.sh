@@ -29,6 +29,8 @@ if [ -n "$extra" ]; then
     [ -f /usr/lib/nginx/modules/ngx_http_echo_module.so ] || packages+=(libnginx-mod-http-echo)
     # deploy/kubernetes's tests render the manifests with kubectl's built-in kustomize.
     command -v kubectl >/dev/null 2>&1 || packages+=(kubernetes-client)
+    # The HTML report's browser test (tests/e2e/test_report_html.py): headless Chromium.
+    command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 \
     && { [ ! -x "$venv/bin/python" ] || ! command -v uv >/dev/null 2>&1; }; then

@@ -15,14 +15,15 @@ from typing import TextIO
 
 import duckdb
 
-from lmgate.report.output import notes, write_csv, write_json, write_table
+from lmgate.report.html import write_html
+from lmgate.report.output import Report, notes, write_csv, write_json, write_table
 from lmgate.report.prices import PriceError, Pricer, load_prices
 from lmgate.report.query import GROUP_FIELDS, RECORD_FIELDS, Records, open_many, open_records, ts_bound
 from lmgate.writer import STDOUT
 from lmgate.report.summary import summarize
 
 DEFAULT_BY = "owner,provider,model"
-FORMATS = ("table", "csv", "json")
+FORMATS = ("table", "csv", "json", "html")
 _DURATION = re.compile(r"(\d+)([dhm])")
 _UNIT = {"d": "days", "h": "hours", "m": "minutes"}
 
@@ -61,7 +62,10 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "--by", metavar="FIELDS", default=DEFAULT_BY,
         help=f"comma list of {', '.join(GROUP_FIELDS)} (default: {DEFAULT_BY})")
     parser.add_argument("--format", choices=FORMATS, default="table",
-                        help="table (80 columns), csv or json (default: table)")
+                        help="table (80 columns), csv, json, or html (a page with charts; "
+                             "use --out) (default: table)")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="write the report to FILE instead of stdout")
     parser.add_argument("--prices", type=Path, metavar="PATH",
                         help="price overrides (default: report.prices_path in the config)")
     parser.add_argument("--sql", metavar="QUERY",
@@ -182,6 +186,8 @@ def run_report(args: argparse.Namespace, stats_path: Path, prices_path: Path,
         fmt = getattr(args, "format", None) or "table"
         if fmt not in FORMATS:
             raise UsageError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        if sql and fmt == "html":
+            raise UsageError("--format html is a report: --sql prints table, csv or json")
         chosen = getattr(args, "prices", None)
         if sql or (chosen is None and prices_optional and not Path(prices_path).exists()):
             overrides = None
@@ -199,20 +205,60 @@ def run_report(args: argparse.Namespace, stats_path: Path, prices_path: Path,
             if sql:
                 records.check()
                 _report_malformed(records, err)
-                return _run_sql(records, sql, fmt, out, err)
-            report = summarize(records, by, Pricer(overrides), _window(since, until))
+                if getattr(args, "out", None) is None:
+                    return _run_sql(records, sql, fmt, out, err)
+                try:
+                    with open(args.out, "w", encoding="utf-8") as file:
+                        return _run_sql(records, sql, fmt, file, err)
+                except OSError as exc:
+                    print(f"lmgate report: --out: cannot write {args.out}: {exc.strerror or exc}",
+                          file=err)
+                    return 2
+            pricer = Pricer(overrides)
+            report = summarize(records, by, pricer, _window(since, until))
+            views = _html_views(records, pricer) if fmt == "html" else {}
             _report_malformed(records, err)
         except duckdb.IOException as exc:
             print(f"lmgate report: cannot read the stats files: {_duckdb_error(exc)}", file=err)
             return 2
-    if fmt == "table":
+    target = getattr(args, "out", None)
+    if target is not None:
+        try:
+            with open(target, "w", encoding="utf-8") as file:
+                _write(report, views, fmt, file, err, now)
+        except OSError as exc:
+            print(f"lmgate report: --out: cannot write {target}: {exc.strerror or exc}", file=err)
+            return 2
+        return 0
+    _write(report, views, fmt, out, err, now)
+    out.flush()
+    return 0
+
+
+# The groupings the html page shows beside the table's.
+HTML_VIEWS = {"day": ("day",), "owner": ("owner",), "lmgate_id": ("lmgate_id",),
+              "model": ("provider", "model")}
+
+
+def _html_views(records: Records, pricer: Pricer) -> dict[str, Report]:
+    # Each grouping is one more pass; the malformed lines were counted by the first.
+    bad = records.bad_count, list(records.bad_samples)
+    views = {name: summarize(records, by, pricer) for name, by in HTML_VIEWS.items()}
+    records.bad_count, records.bad_samples = bad
+    return views
+
+
+def _write(report: Report, views: dict[str, Report], fmt: str, out: TextIO, err: TextIO,
+           now: dt.datetime) -> None:
+    if fmt == "html":
+        write_html(report, views, out, now.strftime("%Y-%m-%d %H:%M:%SZ"))
+    elif fmt == "table":
         write_table(report, out)
     else:
         (write_json if fmt == "json" else write_csv)(report, out)
+    if fmt in ("json", "csv"):
         for line in notes(report):          # keep stdout machine-readable
             print(f"lmgate report: {line}", file=err)
-    out.flush()
-    return 0
 
 
 def _run_sql(records: Records, sql: str, fmt: str, out: TextIO, err: TextIO) -> int:
