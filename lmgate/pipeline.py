@@ -49,11 +49,11 @@ class Recorder:
     """Spool line -> record -> stats writer, skipping calls already in the stats file and folding
     floods of refused calls."""
 
-    def __init__(self, writer: StatsWriter, readiness: ReadinessProbe) -> None:
+    def __init__(self, writer: StatsWriter, readiness: ReadinessProbe, refusals_per_window: int) -> None:
         self.writer = writer
         self.readiness = readiness
         self.skip: set[str] = set()
-        self.refusals = RefusalFolder(writer.add)
+        self.refusals = RefusalFolder(writer.add, refusals_per_window)
 
     def __call__(self, line: bytes) -> None:
         meta, body = records.load_line(line)
@@ -88,7 +88,7 @@ def setup(app: web.Application, settings: Settings) -> None:
             log.error("cannot create the spool folder %s: %s", s.spool_dir, exc.strerror or exc)
         writer = app[WRITER] = StatsWriter(s.output_path, s.rotate_bytes, s.flush_interval_seconds)
         readiness = app[READINESS] = ReadinessProbe(s.spool_dir.resolve())
-        recorder = app[RECORDER] = Recorder(writer, readiness)
+        recorder = app[RECORDER] = Recorder(writer, readiness, s.refusal_records_per_window)
         spool = app[SPOOL] = SpoolReader(s.spool_dir, recorder, max_spool_line(settings))
         # Records written after the last checkpoint (the previous sidecar was killed between a
         # flush and its checkpoint): their lines come again, and are skipped.

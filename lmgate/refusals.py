@@ -1,6 +1,7 @@
 """Bounding the records of refused calls: a flood of bad keys must not flood the stats file.
 
-Per client address, the first REFUSALS_PER_WINDOW calls refused as `forbidden` or `bad_path` in each
+Per client address, the first `per_window` calls (stats.refusal_records_per_window) refused as
+`forbidden` or `bad_path` in each
 WINDOW_SECONDS (of the calls' own times) are recorded one by one; the rest of that window become
 one record: the first of them, with `folded_calls` (how many refused calls it stands for). Allowed
 calls and calls refused while the sidecar was down (`gate_unavailable`) are never folded.
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 WINDOW_SECONDS = 10.0
-REFUSALS_PER_WINDOW = 10
 # Refusals anyone can cause without a key: a key not listed, a path that is refused.
 FOLDED = frozenset({"forbidden", "bad_path"})
 
@@ -32,8 +32,9 @@ class _Window:
 class RefusalFolder:
     """Decides which refused calls are recorded one by one; hands folded records to `emit`."""
 
-    def __init__(self, emit: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, emit: Callable[[dict[str, Any]], None], per_window: int) -> None:
         self.emit = emit
+        self.per_window = per_window
         self.windows: dict[str, _Window] = {}
 
     def keep(self, record: dict[str, Any], address: str, at: float) -> bool:
@@ -45,7 +46,7 @@ class RefusalFolder:
             if window is not None:
                 self._close(window)
             window = self.windows[address] = _Window(at)
-        if window.recorded < REFUSALS_PER_WINDOW:
+        if window.recorded < self.per_window:
             window.recorded += 1
             return True
         if window.folded is None:

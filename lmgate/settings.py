@@ -86,6 +86,7 @@ class StatsSettings:
     capture_tail_bytes: int = 65536
     spool_dir: Path = Path("../data/spool")
     ensure_stream_usage: bool = True
+    refusal_records_per_window: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +365,7 @@ def _validate(s: Settings, path: Path, errors: _Errors, sections: tuple[str, ...
         "stats.rotate_bytes": s.stats.rotate_bytes,
         "stats.capture_head_bytes": s.stats.capture_head_bytes,
         "stats.capture_tail_bytes": s.stats.capture_tail_bytes,
+        "stats.refusal_records_per_window": s.stats.refusal_records_per_window,
         "server.auth_timeout_ms": s.server.auth_timeout_ms,
         "proxy.upstream_connect_timeout_seconds": s.proxy.upstream_connect_timeout_seconds,
         "proxy.upstream_read_timeout_seconds": s.proxy.upstream_read_timeout_seconds,

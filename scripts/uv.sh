@@ -16,6 +16,16 @@ recent_enough() {
     [ -n "$have" ] && [ "$(printf '%s\n%s\n' "$UV_MINIMUM" "$have" | sort -V | head -n1)" = "$UV_MINIMUM" ]
 }
 
+# A folder under a shared /tmp is used only if it is this user's and no one else can write it:
+# another user could have put a uv of their own there first.
+own_folder() {
+    mkdir -p -m 0700 "$1"
+    if [ -L "$1" ] || [ "$(stat -c %u "$1")" != "$(id -u)" ] || [ -n "$(find "$1" -maxdepth 0 -perm /022)" ]; then
+        echo "setup: $1 is not a folder of this user's alone; remove it, or set LMGATE_UV_DIR" >&2
+        exit 1
+    fi
+}
+
 uv=""
 if command -v uv >/dev/null 2>&1 && recent_enough "$(command -v uv)"; then
     uv="$(command -v uv)"
@@ -24,6 +34,7 @@ else
     # A user without a writable home (a service account): a folder of its own under /tmp.
     if [ -z "${LMGATE_UV_DIR:-}" ] && ! mkdir -p "$(dirname "$dir")" 2>/dev/null; then
         dir="${TMPDIR:-/tmp}/lmgate-uv-$(id -u)-$UV_VERSION"
+        own_folder "$dir"
     fi
     uv="$dir/bin/uv"
     if ! recent_enough "$uv"; then
@@ -42,6 +53,7 @@ export UV_SYSTEM_CERTS="${UV_SYSTEM_CERTS:-1}"
 if [ -z "${UV_CACHE_DIR:-}" ] && [ -z "${UV_NO_CACHE:-}" ] \
     && ! mkdir -p "${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/uv" 2>/dev/null; then
     export UV_CACHE_DIR="${TMPDIR:-/tmp}/lmgate-uv-cache-$(id -u)"
+    own_folder "$UV_CACHE_DIR"
 fi
 
 if [ "${1:-}" = "--path" ]; then

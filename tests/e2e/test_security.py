@@ -22,7 +22,7 @@ import yaml
 
 from lmgate.providers import PROVIDERS
 from tests.support.fault_upstream import FaultUpstream, closed_port
-from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY, Gate
+from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, FOLDING, UNLISTED_KEY, Gate
 from tests.support.wait import wait_until
 from tests.support.http import bearer, raw_request
 from tests.support.hardening import (QUERY_KEY, SUITE_KEYS, find_leaks, gate_outputs, known_bug,
@@ -589,7 +589,7 @@ def test_a_key_behind_a_quote_in_the_query_never_reaches_the_log(own_gate):
 def test_a_flood_of_refused_calls_is_recorded_with_a_bound_and_every_call_counted(own_gate, mock_upstream):
     """An unauthenticated client cannot fill the stats disk: per client address, a few refusals a
     window are recorded one by one, the rest in one record with their count (lmgate/refusals.py)."""
-    g = own_gate()
+    g = own_gate(**FOLDING)
     mock_upstream.reply("/v1/flood-ok", body=b'{"ok":true}')
     with httpx.Client() as client:
         refused = [client.post(g.base("openai") + "/v1/chat/completions", content=b"{}",
@@ -606,7 +606,7 @@ def test_a_flood_of_refused_calls_is_recorded_with_a_bound_and_every_call_counte
 
 
 def test_refused_paths_need_no_key_and_are_bounded_like_refused_keys(own_gate):
-    g = own_gate()
+    g = own_gate(**FOLDING)
     statuses = [raw_request(g.port, get(f"/openai/v1/./x{i}", headers={}))[0] for i in range(120)]
     assert statuses == [400] * 120
     assert g.stop() == 0

@@ -218,6 +218,7 @@ def test_other_methods_and_errors_on_the_stream_paths(gate, mock_upstream, opena
         s.sendall(b"POST /x/../openai/v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
                   b"Authorization: Bearer " + ALICE_KEY.encode() + b"\r\nConnection: close\r\n\r\n{}")
         assert s.recv(100).startswith(b"HTTP/1.1 400")
+    assert gate.new_records(mark, 3)[2]["error_type"] == "bad_path"
 
 
 def test_provider_error_to_a_rewritten_request_passes_unchanged(gate, mock_upstream):

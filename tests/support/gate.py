@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from lmgate.settings import StatsSettings
 from tests.support.http import bearer, http_ok  # noqa: F401 - bearer: for tests that import it from here
 from tests.support.ports import free_port
 from tests.support.wait import wait_until
@@ -54,6 +55,10 @@ def https_ok(url: str, context: ssl.SSLContext) -> bool:
         return False
 
 
+# The shipped bound on refusal records, for the tests of it (Gate's default records every one).
+FOLDING = {"LMGATE_STATS__REFUSAL_RECORDS_PER_WINDOW": str(StatsSettings().refusal_records_per_window)}
+
+
 class Gate:
     def __init__(self, workdir: Path, upstream_url: str, tls: ssl.SSLContext | None = None, **env: str) -> None:
         """`tls`: the context a client trusting the gate's certificate uses (with TLS settings in `env`)."""
@@ -76,6 +81,9 @@ class Gate:
             "LMGATE_SERVER__PORT": str(self.sidecar_port),
             "LMGATE_AUTH__ALLOWLIST_PATH": str(self.allowlist),
             "LMGATE_AUTH__POLL_INTERVAL_SECONDS": "0.2",
+            # Gates shared by many tests record every refusal at once; the tests of the bound
+            # (test_security's floods) ask for the shipped one (FOLDING).
+            "LMGATE_STATS__REFUSAL_RECORDS_PER_WINDOW": "1000000",
             # The tests of revocation and of a sidecar outage expect every call to be checked;
             # test_auth_cache_* turn the cache on.
             "LMGATE_AUTH__CACHE_SECONDS": "0",

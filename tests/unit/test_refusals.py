@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lmgate.refusals import REFUSALS_PER_WINDOW, WINDOW_SECONDS, RefusalFolder
+from lmgate.refusals import WINDOW_SECONDS, RefusalFolder
+from lmgate.settings import StatsSettings
+
+REFUSALS_PER_WINDOW = StatsSettings().refusal_records_per_window
 
 pytestmark = pytest.mark.unit
 
@@ -16,7 +19,7 @@ def refused(n: int, error_type: str = "forbidden") -> dict:
 def run(calls: list[tuple[dict, str, float]]) -> tuple[list[dict], list[dict]]:
     """(records kept as they are, folded records written), with every window closed at the end."""
     folded: list[dict] = []
-    folder = RefusalFolder(folded.append)
+    folder = RefusalFolder(folded.append, REFUSALS_PER_WINDOW)
     kept = [record for record, address, at in calls if folder.keep(record, address, at)]
     folder.close_all()
     return kept, folded
@@ -51,7 +54,7 @@ def test_addresses_are_bounded_apart_and_other_outcomes_are_never_folded():
 
 def test_close_ended_writes_only_windows_that_are_over():
     folded: list[dict] = []
-    folder = RefusalFolder(folded.append)
+    folder = RefusalFolder(folded.append, REFUSALS_PER_WINDOW)
     for i in range(REFUSALS_PER_WINDOW + 3):
         folder.keep(refused(i), "old", 0.0)
         folder.keep(refused(i), "new", 8.0)
