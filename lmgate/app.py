@@ -119,12 +119,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 METRICS = web.AppKey("metrics", Metrics)
+# Seconds between counts of the records added (a scrape counts them first).
+METRICS_DRAIN_SECONDS = 1.0
 
 
 async def metrics(request: web.Request) -> web.Response:
     app = request.app
     m = app[METRICS]
     # /readyz's own answer says how many problems there are: one source for both.
+    m.drain()
     m.readiness_problems = len(json.loads((await readyz(request)).text)["problems"])
     await m.scrape_nginx(app[READINESS].socket, STUB_STATUS_PATH)
     return web.Response(body=m.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
@@ -153,9 +156,19 @@ def _pipeline(app: web.Application) -> dict[str, float]:
 
 
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
-    # After the writer's context: every record it takes is counted (the relay's too).
-    app[WRITER].on_add = app[METRICS].observe
+    # After the writer's context: every record it takes is counted (the relay's too), in batches.
+    m = app[METRICS]
+    app[WRITER].on_add = m.add
+
+    async def drain_forever() -> None:
+        while True:
+            await asyncio.sleep(METRICS_DRAIN_SECONDS)
+            m.drain()
+
+    task = asyncio.create_task(drain_forever())
     yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _writable_folder(folder) -> bool:
@@ -174,6 +187,9 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     """Build the sidecar app. `holder` is loaded here unless given (tests pass one)."""
     app = web.Application()
     app[SETTINGS] = settings
+    # Before the allow-list: loading it sets every object alive aside from the cycle collector's
+    # scans (allowlist.load_outside_gc), the price data the metrics hold included.
+    app[METRICS] = Metrics(settings.metrics.per_key_labels, settings.report.prices_path)
     app[ALLOWLIST] = holder or AllowListHolder(settings.auth.allowlist_path,
                                                settings.auth.poll_interval_seconds)
     pipeline.setup(app, settings)
@@ -181,7 +197,6 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
-    app[METRICS] = Metrics(settings.metrics.per_key_labels, settings.report.prices_path)
     app[METRICS].pipeline = lambda: _pipeline(app)
     app.cleanup_ctx.append(metrics_ctx)
     app.router.add_get("/metrics", metrics)
