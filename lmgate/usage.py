@@ -215,6 +215,10 @@ def _scan(buf: bytes, key: str) -> list[object]:
 
 def _stream_error(units: Units) -> bool:
     """A stream ended with the provider's error (one of its last few units)."""
+    # Every error the needle finds holds one of these: a literal search of the whole body (fast)
+    # spares most streams the unit-by-unit look (~3.5 us a stream).
+    if isinstance(units, _SSEEvents) and b'"error"' not in units.buf and b"response.failed" not in units.buf:
+        return False
     for i, unit in enumerate(reversed(units)):
         if i == _ERROR_LOOKBACK:
             return False
