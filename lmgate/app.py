@@ -88,8 +88,8 @@ async def livez(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
-async def readyz(request: web.Request) -> web.Response:
-    app = request.app
+def _problems(app: web.Application) -> list[str]:
+    """What keeps the sidecar from being ready (/readyz; /metrics counts them)."""
     problems = []
     holder = app[ALLOWLIST]
     if holder.last_error:
@@ -108,6 +108,13 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"spool: {spool.folder} is not writable")
     if app[READINESS].problem:
         problems.append(f"spool: {app[READINESS].problem}")
+    return problems
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    problems = _problems(app)
+    holder, writer, spool = app[ALLOWLIST], app[WRITER], app[SPOOL]
     body = {"ready": not problems, "allowlist_keys": len(holder.current),
             "stats_buffered": writer.buffered, "stats_written": writer.written,
             "spool_lines_read": spool.lines, "spool_bad_lines": spool.bad_lines,

@@ -335,12 +335,8 @@ def write_config(settings: Settings, out: Path, runtime_dir: Path | None = None,
     if user is not None:
         # nginx's master makes the folders inside and gives them to the workers; the workers must
         # still get through every folder above (a private TMPDIR, as `mktemp -d` makes, is not).
-        closed = usable(_worker(user), temp_dir, "x")
-        if closed is not None:
-            raise RenderError(
-                f"nginx's workers (user {user.split()[0]}, as LMGate runs as root) cannot reach their temp "
-                f"folder {temp_dir}: {closed}; set TMPDIR to a folder they can enter (e.g. /tmp), or run "
-                f"LMGate as a regular user")
+        _workers_can(user, temp_dir, "x", "their temp folder",
+                     "set TMPDIR to a folder they can enter (e.g. /tmp), or run LMGate as a regular user")
     _prepare_spool(settings.stats.spool_dir.resolve(), user)
     text = render(settings, runtime_dir, unresolved=unresolved)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -382,12 +378,18 @@ def _prepare_spool(folder: Path, user: str | None) -> None:
         raise RenderError(f"stats.spool_dir: cannot prepare {folder}: {exc.strerror or exc}") from None
     if user is None:
         return
-    closed = usable(_worker(user), folder, "wx")
+    _workers_can(user, folder, "wx", "stats.spool_dir",
+                 "run LMGate as a regular user, or set stats.spool_dir (LMGATE_STATS__SPOOL_DIR) to a "
+                 "folder under /var/spool or /tmp")
+
+
+def _workers_can(user: str, folder: Path, want: str, what: str, fix: str) -> None:
+    """Raise RenderError (naming `what`, the folder and `fix`) unless nginx's workers, running as
+    `user`, can `want` ("x", "wx") `folder` and get through every folder above it."""
+    closed = usable(_worker(user), folder, want)
     if closed is not None:
-        raise RenderError(
-            f"stats.spool_dir: nginx's workers (user {name}, as LMGate runs as root) cannot use "
-            f"{folder}: {closed}; run LMGate as a regular user, or set "
-            f"stats.spool_dir (LMGATE_STATS__SPOOL_DIR) to a folder under /var/spool or /tmp")
+        raise RenderError(f"{what}: nginx's workers (user {user.split()[0]}, as LMGate runs as root) "
+                          f"cannot use {folder}: {closed}; {fix}")
 
 
 def _worker(user: str) -> User:

@@ -60,12 +60,13 @@ class Recorder:
         if meta.get("err") == READINESS_WORD:
             self.readiness.seen(meta.get("u", ""))
             return
-        record = records.from_meta(meta, body, time.time())
+        now = time.time()
+        record = records.from_meta(meta, body, now)
         if self.skip and record["request_id"] in self.skip:
             self.skip.discard(record["request_id"])
             return
         if record["error_type"] is None or self.refusals.keep(record, meta.get("ra", ""),
-                                                              records.ended_at(meta, time.time())):
+                                                              records.ended_at(meta, now)):
             self.writer.add(record)
 
 

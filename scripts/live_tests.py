@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lmgate.keys import mask_key  # noqa: E402
+from lmgate.supervisor import http_ok  # noqa: E402
 
 CONFIG = REPO / "config" / "lmgate.yaml"
 PROMPT = "Say hello in three words."
@@ -214,14 +214,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _up(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 class Gate:
     def __init__(self, folder: Path, keys: dict[str, str]) -> None:
         self.folder = folder
@@ -251,7 +243,7 @@ class Gate:
             self.proc = subprocess.Popen([sys.executable, "-m", "lmgate", "up", "--config", str(CONFIG)],
                                          env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
-        while not (_up(self.url + "/healthz") and _up(self.sidecar + "/livez")):
+        while not (http_ok(self.url + "/healthz") and http_ok(self.sidecar + "/livez")):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"LMGate did not start; its log:\n{self.log.read_text(errors='replace')}")
             time.sleep(0.1)
