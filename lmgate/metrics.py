@@ -2,9 +2,10 @@
 
 Per call, from every record the stats writer takes (spool lines and the WebSocket relay's alike):
 `StatsWriter.on_add` is `Metrics.add`, which keeps the record; `drain` (each second, and before a
-scrape) passes them in a batch to `observe`, which adds each into one list of numbers per label
-tuple (a dict lookup); the collector turns those into Prometheus families at scrape time. Batches
-and plain lists, not a prometheus-client child per counter: docs/metrics.md, "What it costs".
+scrape) groups them by label tuple and adds each group's sums into one list of numbers per label
+tuple (`observe` does the same for one record: the rare groups whose records are priced apart);
+the collector turns those into Prometheus families at scrape time. Sums by builtins and plain
+lists, not a prometheus-client child per counter: docs/metrics.md, "What it costs".
 
 Tokens have the report's meaning (docs/report.md, "Tokens mean the same for every provider"), and
 cost is the report's price at the call's UTC day and long-context tier, looked up once per
@@ -17,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import datetime as dt
+import itertools
 import logging
+import operator
 import re
 import time
 from collections.abc import Callable
@@ -25,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
+from lmgate.refusals import FOLDED
 from lmgate.report.prices import Pricer, PriceError, load_prices
 
 log = logging.getLogger("lmgate.sidecar")
@@ -48,6 +52,13 @@ _STUB = re.compile(rb"Active connections:\s*(\d+)\s+server accepts handled reque
 # A slot's layout: calls, the five token kinds, cost, unpriced calls, duration count and sum, then
 # one count per duration bucket (not cumulative; +Inf last).
 _CALLS, _TOKENS, _COST, _UNPRICED, _DCOUNT, _DSUM, _BUCKETS = 0, 1, 6, 7, 8, 9, 10
+DURATION_BUCKETS_MS = tuple(round(bound * 1000, 6) for bound in DURATION_BUCKETS)
+_KEY = operator.itemgetter("provider", "model", "status", "error_type", "api_format")
+_KEY_WHO = operator.itemgetter("provider", "model", "status", "error_type", "api_format", "owner",
+                               "lmgate_id")
+_COLUMNS = tuple(operator.itemgetter(name) for name in (
+    "duration_ms", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+    "reasoning_tokens", "timestamp"))
 
 
 class Metrics:
@@ -72,13 +83,12 @@ class Metrics:
         self.newest: dict[str, Any] | None = None  # the last record, and when it was added
         self.newest_at = 0.0
         # Records wait here and are counted in batches (drain): one record at a time, between
-        # nginx's turns on a shared core, cost ~4 us each against ~1 us in a batch.
+        # nginx's turns on a shared core, cost ~4 us each; in a batch, grouped, well under 1 us.
         self.pending: list[dict[str, Any]] = []
         self.pending_since = 0.0
+        self._key = _KEY_WHO if per_key_labels else _KEY
         self.nginx: tuple[int, ...] | None = None
-        self.auth_seconds = Histogram("lmgate_auth_duration_seconds",
-                                      "Time the sidecar took to answer nginx's /auth subrequests",
-                                      buckets=AUTH_BUCKETS, registry=self.registry)
+        self.auth_seconds = Buckets(AUTH_BUCKETS)
         self.allowed = 0   # /auth answers
         self.readiness_problems = 0   # set by the /metrics handler from /readyz's answer
         self.refused = 0
@@ -92,13 +102,88 @@ class Metrics:
         self.pending.append(record)
 
     def drain(self) -> None:
-        """Count the records added since the last drain."""
-        if self.pending:
-            added_at = self.pending_since
-            for record in self.pending:
+        """Count the records added since the last drain: grouped by label tuple, each group summed
+        by builtins (sum, sorted, bisect) rather than record by record in Python."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        groups: dict[tuple, list] = {}
+        for key, record in zip(map(self._key, pending), pending, strict=True):
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [record]
+            else:
+                group.append(record)
+        for key, group in groups.items():
+            self._observe_group(key, group)
+        self.newest = pending[-1]
+        self.newest_at = self.pending_since
+
+    def _slot(self, key: tuple) -> list:
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = [0] * (_BUCKETS + len(DURATION_BUCKETS) + 1)
+            slot[_COST] = 0.0
+            slot[_DSUM] = 0.0
+        return slot
+
+    def _observe_group(self, group_key: tuple, group: list[dict[str, Any]]) -> None:
+        """What observe does for each record of the group (same provider, model, status, error
+        and format), with the same result."""
+        provider, model, status, error, fmt, *who = group_key
+        durations, inp, out, cr, cw, rsn, stamps = (list(map(column, group)) for column in _COLUMNS)
+        no_tokens = list(zip(inp, out, strict=True)).count((None, None))
+        day = min(stamps)[:10]
+        top = max(filter(None, inp), default=0)
+        if fmt == "anthropic":
+            top += max(filter(None, cr), default=0) + max(filter(None, cw), default=0)
+        # Rare groups go record by record: refusals (folded), and prices that differ within the
+        # group (a long-context tier, two days).
+        if error in FOLDED or error in DENIED or top > self._lowest or max(stamps)[:10] != day:
+            for record in group:
                 self.observe(record)
-            self.pending.clear()
-            self.newest_at = added_at
+            return
+        slot = self._slot((provider, model, (status or 0) // 100, error, fmt, *who))
+        n = len(group)
+        slot[_CALLS] += n
+        slot[_DCOUNT] += n
+        slot[_DSUM] += sum(durations) / 1000
+        ordered = sorted(durations)
+        below = 0
+        for i, bound in enumerate(DURATION_BUCKETS_MS):
+            upto = bisect.bisect_right(ordered, bound)
+            slot[_BUCKETS + i] += upto - below
+            below = upto
+        slot[-1] += n - below
+        if no_tokens == n:
+            return
+        if no_tokens:    # a record without input and output counts no tokens at all
+            usage = [i is not None or o is not None for i, o in zip(inp, out, strict=True)]
+            cr, cw, rsn = (itertools.compress(column, usage) for column in (cr, cw, rsn))
+        inp, out, cr, cw, rsn = (sum(filter(None, column)) for column in (inp, out, cr, cw, rsn))
+        if fmt != "anthropic":   # the report's shape, as in observe
+            inp -= cr
+            cw = 0
+            if fmt == "google":
+                out += rsn
+        slot[_TOKENS] += inp
+        slot[_TOKENS + 1] += out
+        slot[_TOKENS + 2] += cr
+        slot[_TOKENS + 3] += cw
+        slot[_TOKENS + 4] += rsn
+        units = self._units((provider, fmt, model, day, 0))
+        if units is None:
+            slot[_UNPRICED] += n - no_tokens
+        else:
+            slot[_COST] += (inp * units.input + cr * units.cache_read + cw * units.cache_write
+                            + out * units.output)
+
+    def _units(self, price_key: tuple) -> Any:
+        units = self._prices.get(price_key, False)
+        if units is False:
+            units = self._prices[price_key] = self._price(price_key)
+        return units
 
     def observe(self, record: dict[str, Any]) -> None:
         """Count one record (StatsWriter.on_add)."""
@@ -109,19 +194,13 @@ class Metrics:
                    record["owner"], record["lmgate_id"])
         else:
             key = (record["provider"], record["model"], status // 100, error, record["api_format"])
-        slot = self.slots.get(key)
-        if slot is None:
-            slot = self.slots[key] = [0] * (_BUCKETS + len(DURATION_BUCKETS) + 1)
-            slot[_COST] = 0.0
-            slot[_DSUM] = 0.0
+        slot = self._slot(key)
         folded = record.get("folded_calls")
         if folded:
             slot[_CALLS] += folded
             self.folded_calls += folded
         else:
             slot[_CALLS] += 1
-        self.newest = record
-        self.newest_at = time.time()
         if error in DENIED:
             if error == "gate_unavailable":
                 self.unavailable += 1
@@ -157,9 +236,7 @@ class Metrics:
         # How many long-context thresholds the prompt exceeds (most calls: none).
         tier = bisect.bisect_left(self._thresholds, prompt) if prompt > self._lowest else 0
         price_key = (key[0], fmt, key[1], record["timestamp"][:10], tier)
-        units = self._prices.get(price_key, False)
-        if units is False:
-            units = self._prices[price_key] = self._price(price_key)
+        units = self._units(price_key)
         if units is None:
             slot[_UNPRICED] += 1
         else:
@@ -196,6 +273,29 @@ class Metrics:
 
 def _epoch(timestamp: str) -> float:
     return dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+class Buckets:
+    """A histogram's counts: a bisect and two additions per observation, against ~1.5 us for a
+    prometheus-client Histogram (a lock and a child lookup) on every /auth answer."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)   # not cumulative; +Inf last
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, text: str) -> HistogramMetricFamily:
+        buckets, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        family = HistogramMetricFamily(name, text)
+        family.add_metric([], buckets, self.total)
+        return family
 
 
 class _Collector:
@@ -257,6 +357,8 @@ class _Collector:
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
             duration.add_metric(list(base), buckets, total)
         yield from (calls, tokens, cost, unpriced, duration)
+        yield m.auth_seconds.family("lmgate_auth_duration_seconds",
+                                    "Time the sidecar took to answer nginx's /auth subrequests")
         decisions = CounterMetricFamily("lmgate_auth_decisions", "Auth decisions: /auth answers "
                                         "(allowed, refused; nginx caches a yes for auth.cache_seconds) "
                                         "and calls nginx refused because the sidecar did not answer "

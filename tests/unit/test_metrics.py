@@ -146,3 +146,49 @@ def test_allowlist_holder_counts_reloads_and_refused_ones(tmp_path):
     write("a,sk-a-0123456789abcdef,A,2024\nb,sk-b-0123456789abcdef,B,2024\n", 10)
     assert holder.check() is True
     assert (holder.reloads, holder.reload_errors) == (1, 1)
+
+
+def test_a_batch_counts_what_its_records_count_one_by_one():
+    """drain sums a group of records at once; every series must equal observe's, record by record
+    (boundary durations, records without usage, folded refusals, a long-context tier, two days)."""
+    batch = []
+    for i in range(400):
+        fields = {"duration_ms": [10.0, 20.0, 2560.0, 0.0, 812.4, 99999.0][i % 6],
+                  "input_tokens": 100 + i, "output_tokens": i % 7, "cache_read_tokens": i % 3}
+        if i % 4 == 1:
+            fields.update(provider="anthropic", api_format="anthropic", model="claude-sonnet-4-5",
+                          cache_write_tokens=i % 5)
+        if i % 4 == 2:
+            fields.update(provider="gemini", api_format="google", model="gemini-2.5-pro",
+                          reasoning_tokens=i % 11)
+        if i % 10 == 3:
+            fields.update(input_tokens=None, output_tokens=None)
+        if i % 4 == 2 and i % 50 == 6:
+            fields.update(input_tokens=300_000)                  # past a long-context threshold
+        if i % 4 == 2 and i % 30 == 2:
+            fields.update(timestamp="2026-11-11T00:00:01.000Z")  # a second day in the batch
+        if i % 25 == 9:
+            fields.update(status=403, error_type="forbidden", model=None, input_tokens=None,
+                          output_tokens=None, folded_calls=7)
+        if i % 60 == 11:
+            fields.update(status=403, error_type="gate_unavailable", model=None)
+        if i % 30 == 13:
+            fields.update(status=529, error_type="upstream_error", owner="bob@example.com")
+        batch.append(rec(request_id=f"r{i}", **fields))
+    for per_key in (False, True):
+        one_by_one, batched = Metrics(per_key), Metrics(per_key)
+        singles = []
+        batched.observe = lambda record, observe=batched.observe, singles=singles: (
+            singles.append(record), observe(record))
+        for record in batch:
+            one_by_one.observe(record)
+            batched.add(record)
+        batched.drain()
+        expected, got = scrape(one_by_one), scrape(batched)
+        for clock in ("lmgate_records_lag_seconds", "lmgate_newest_record_end_timestamp_seconds"):
+            got.pop((clock, ()))    # drain's alone: observe leaves them to it
+        assert got.keys() == expected.keys()
+        for series, value in expected.items():
+            assert got[series] == pytest.approx(value, rel=1e-9), series
+        assert batched.newest is batch[-1]
+        assert len(singles) < len(batch) / 2     # most groups were summed at once
