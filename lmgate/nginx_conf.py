@@ -167,7 +167,9 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
         "SPOOL_ACCESS_LOG": _spool_access_log(settings),
         "DROP_HEADERS": "\n".join(f'            proxy_set_header {h} "";' for h in LMGATE_HEADERS),
     })
-    values["STREAM_USAGE_LOCATIONS"] = _stream_usage_locations(name, settings, values)
+    values["PROXY"] = _fill((NGINX_DIR / "provider_proxy.conf.template").read_text(), values)
+    values["STREAM_USAGE_LOCATIONS"], values["STREAM_USAGE_NAMED_LOCATIONS"] = \
+        _stream_usage_locations(name, settings, values)
     values["WEBSOCKET_LOCATION"] = _fill((NGINX_DIR / "websocket.conf.template").read_text(), values)
     return _fill(template, values)
 
@@ -185,13 +187,17 @@ def readiness_socket(settings: Settings) -> Path:
     return path
 
 
-def _stream_usage_locations(name: str, settings: Settings, values: dict[str, str]) -> str:
-    """stats.ensure_stream_usage: the nested locations for the provider's stream endpoints."""
+def _stream_usage_locations(name: str, settings: Settings, values: dict[str, str]) -> tuple[str, str]:
+    """stats.ensure_stream_usage: the locations nested in the provider's for its stream endpoints,
+    and the named ones that take larger bodies (at server level)."""
     paths = STREAM_USAGE_PATHS.get(name, ())
     if not (settings.stats.ensure_stream_usage and paths):
-        return "            # no stream request is rewritten here (stats.ensure_stream_usage)"
-    template = (NGINX_DIR / "openai_stream_usage.conf.template").read_text()
-    return "".join(_fill(template, {**values, "PATH": path}) for path in paths)
+        return "            # no stream request is rewritten here (stats.ensure_stream_usage)", ""
+    nested = (NGINX_DIR / "openai_stream_usage.conf.template").read_text()
+    read = (NGINX_DIR / "openai_stream_usage_read.conf.template").read_text()
+    named = (NGINX_DIR / "openai_stream_usage_named.conf.template").read_text()
+    return ("".join(_fill(nested, {**values, "PATH": path}) for path in paths) + _fill(read, values),
+            _fill(named, values))
 
 
 def _auth_cache_zone(settings: Settings, temp_dir: Path) -> str:

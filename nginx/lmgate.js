@@ -212,7 +212,8 @@ var dropping = false;   // the answer is a 200 stream of a rewritten request
 
 // The rewritten body, or "" to send the body as it came (nginx.conf.template then takes
 // $request_body itself: a string made by njs may not keep invalid UTF-8 bytes as they were). The
-// location only takes POSTs whose Content-Length fits in memory, so the body is there.
+// locations call it only for a POST whose body nginx holds in memory (a body in a file has
+// not matched the regexes that lead here).
 function streamUsageBody(r) {
     var body = r.variables.request_body;
     if (!body || body.indexOf('"stream"') < 0) {
@@ -243,6 +244,12 @@ function streamUsageBody(r) {
     doc.stream_options = Object.assign({}, opts, {include_usage: true});
     rewritten = true;
     return JSON.stringify(doc);
+}
+
+// Bodies of 2 KB or more: nginx has read the body before this content handler runs; the named
+// location it hands the call to looks at it (nginx/openai_stream_usage_named.conf.template).
+function readBody(r) {
+    r.internalRedirect(r.variables.lmgate_read_body_next);
 }
 
 function captureStreamUsage(r, data, flags) {
@@ -323,4 +330,4 @@ function sendWithoutUsage(r, buf, flags) {
     send(r, pos === 0 ? buf : buf.slice(pos), flags);
 }
 
-export default {authHash, maskedKeys, capture, body, streamUsageBody, captureStreamUsage};
+export default {authHash, maskedKeys, capture, body, streamUsageBody, readBody, captureStreamUsage};

@@ -112,30 +112,43 @@ def post(gate, path: str, body: bytes, key: str = ALICE_KEY, **headers) -> httpx
 
 
 STREAM_REQUEST = b'{"model": "gpt-4o",  "stream": true, "messages": [{"role": "user", "content": "hi \\u00e9"}]}'
+# Bodies under 2 KB are looked at by a map in their location; larger ones are read first and looked
+# at in a named location (nginx/openai_stream_usage*.conf.template): both must behave the same.
+SIZES = ["small", "large"]
 
 
+def sized(body: bytes, size: str) -> bytes:
+    """The body, or the same with a 3 KB field in front (after its first byte, when it is JSON)."""
+    if size == "small":
+        return body
+    return body[:1] + b'"metadata":{"pad":"' + b"x" * 3000 + b'"},' + body[1:]
+
+
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 @pytest.mark.parametrize("pieces,make", [(1, hand_written), (3, hand_written), (17, hand_written),
                                          (17, hand_written_crlf)],
                          ids=["event-per-write", "events-per-write", "cut-anywhere", "crlf-cut-anywhere"])
 def test_stream_without_include_usage_gets_usage_recorded_and_the_stream_unchanged(
-        gate, mock_upstream, openai_like, path, pieces, make):
+        gate, mock_upstream, openai_like, path, pieces, make, size):
     like = openai_like(pieces=pieces, make=make)
     mark = gate.mark()
-    resp = post(gate, path, STREAM_REQUEST)
+    body = sized(STREAM_REQUEST, size)
+    resp = post(gate, path, body)
     assert resp.status_code == 200
     # The client gets exactly what the provider sends to a request without include_usage.
     assert resp.content == b"".join(make(include_usage=False))
     # The provider was asked for usage; every other byte of the body is as sent.
     seen = mock_upstream.seen[-1]
     assert like.asked == [True]
-    assert seen.body == STREAM_REQUEST.replace(b"{", b'{"stream_options":{"include_usage":true},', 1)
+    assert seen.body == body.replace(b"{", b'{"stream_options":{"include_usage":true},', 1)
     assert int(seen.headers["Content-Length"]) == len(seen.body)
     [record] = gate.new_records(mark, 1)
     assert (record["input_tokens"], record["output_tokens"], record["cache_read_tokens"],
             record["total_tokens"]) == (19, 3, 2, 22)
     assert record["error_type"] is None and record["stream"] is True and record["status"] == 200
     assert record["response_bytes"] == len(resp.content)
+    assert (record["lmgate_id"], record["owner"]) == ("alice", "alice@example.com")
 
 
 def test_recorded_stream_without_include_usage(gate, openai_like):
@@ -158,7 +171,9 @@ def test_recorded_stream_without_include_usage(gate, openai_like):
     b'{"model":"gpt-4o","stream":true,"stream_options":"odd","messages":[]}',
     b'{"model":"gpt-4o","stream":true,"seed":12345678901234567890,"stream_options":{},"messages":[]}',
 ], ids=["asks-already", "not-a-stream", "stream-in-a-string", "not-json", "odd-options", "big-integer"])
-def test_other_requests_pass_byte_for_byte(gate, mock_upstream, body):
+@pytest.mark.parametrize("size", SIZES)
+def test_other_requests_pass_byte_for_byte(gate, mock_upstream, body, size):
+    body = sized(body, size)
     mock_upstream.reply("/v1/chat/completions", Reply(content_type=SSE, chunks=hand_written(True)))
     try:
         resp = post(gate, "/v1/chat/completions", body)
@@ -180,9 +195,11 @@ def test_stream_options_without_include_usage_are_kept_and_usage_asked_for(gate,
     assert gate.new_records(mark, 1)[0]["input_tokens"] == 19
 
 
-def test_body_too_large_for_memory_or_chunked_goes_through_untouched(gate, mock_upstream, openai_like):
+def test_body_too_large_for_memory_goes_through_untouched(gate, mock_upstream, openai_like):
+    """nginx holds a body in memory up to client_body_buffer_size (1m), a quarter more when its
+    length is known; a larger one is in a file, which is sent on as it is."""
     like = openai_like()
-    filler = "x" * 1_100_000
+    filler = "x" * 1_400_000
     body = ('{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"%s"}]}' % filler).encode()
     mark = gate.mark()
     resp = post(gate, "/v1/chat/completions", body)
@@ -198,6 +215,21 @@ def test_body_too_large_for_memory_or_chunked_goes_through_untouched(gate, mock_
     assert like.asked == [False, False]
     records = gate.new_records(mark, 2)
     assert [r["error_type"] for r in records] == ["usage_missing"] * 2   # recorded as before
+
+
+def test_chunked_stream_request_gets_usage(gate, mock_upstream, openai_like):
+    like = openai_like()
+
+    def chunked():
+        yield STREAM_REQUEST[:10]
+        yield STREAM_REQUEST[10:]
+    mark = gate.mark()
+    resp = httpx.post(gate.base("openai") + "/v1/chat/completions", content=chunked(),
+                      headers={"Authorization": f"Bearer {ALICE_KEY}"})
+    assert resp.status_code == 200 and resp.content == b"".join(hand_written(False))
+    assert like.asked == [True]
+    assert json.loads(mock_upstream.seen[-1].body)["stream_options"] == {"include_usage": True}
+    assert gate.new_records(mark, 1)[0]["total_tokens"] == 22
 
 
 def test_other_methods_and_errors_on_the_stream_paths(gate, mock_upstream, openai_like):
@@ -221,25 +253,28 @@ def test_other_methods_and_errors_on_the_stream_paths(gate, mock_upstream, opena
     assert gate.new_records(mark, 3)[2]["error_type"] == "bad_path"
 
 
-def test_provider_error_to_a_rewritten_request_passes_unchanged(gate, mock_upstream):
+@pytest.mark.parametrize("size", SIZES)
+def test_provider_error_to_a_rewritten_request_passes_unchanged(gate, mock_upstream, size):
     error = b'{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error"}}'
     mock_upstream.reply("/v1/chat/completions", Reply(status=400, body=error))
     try:
         mark = gate.mark()
-        resp = post(gate, "/v1/chat/completions", STREAM_REQUEST)
+        resp = post(gate, "/v1/chat/completions", sized(STREAM_REQUEST, size))
     finally:
         mock_upstream.replies.pop("/v1/chat/completions")
     assert (resp.status_code, resp.content) == (400, error)
     assert gate.new_records(mark, 1)[0]["error_type"] == "upstream_error"
 
 
-def test_openai_sdk_stream_is_the_same_as_without_lmgate_and_recorded(gate, mock_upstream, openai_like):
+@pytest.mark.parametrize("content", ["hi", "a long conversation " * 200], ids=SIZES)
+def test_openai_sdk_stream_is_the_same_as_without_lmgate_and_recorded(gate, mock_upstream, openai_like,
+                                                                       content):
     like = openai_like()
 
     def call(base: str):
         client = openai.OpenAI(base_url=base + "/v1", api_key=ALICE_KEY, max_retries=0)
         return [c.model_dump() for c in client.chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True)]
+            model="gpt-4o", messages=[{"role": "user", "content": content}], stream=True)]
 
     direct = call(mock_upstream.url)
     mark = gate.mark()
