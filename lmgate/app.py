@@ -16,6 +16,8 @@ import asyncio
 import json
 import logging
 import os
+import time
+from pathlib import Path
 from time import perf_counter
 from typing import AsyncIterator
 from urllib.parse import quote
@@ -23,11 +25,12 @@ from urllib.parse import quote
 from aiohttp import web
 
 from lmgate import pipeline, records, ws_relay
-from lmgate.allowlist import AllowListHolder
+from lmgate.allowlist import AllowList, AllowListHolder, Entry
 from lmgate.keys import KeyProblem, extract_key, mask_key
 from lmgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from lmgate.metrics import Metrics
 from lmgate.pipeline import READER_TASK, READINESS, SPOOL, WRITER
+from lmgate.policy import CHECK_MODEL, Counters, Enforcer
 from lmgate.readiness import STUB_STATUS_PATH
 from lmgate.settings import Settings, size_bytes
 from lmgate.writer import STDOUT
@@ -49,31 +52,65 @@ _AUTH_CACHE_CONTROL = f"stale-while-revalidate={AUTH_REFRESH_SECONDS}"
 # Header through which nginx hands the original request's URI (for the `key` parameter) to /auth.
 QUERY_HEADER = "X-LMGate-Query"
 
+POLICY = web.AppKey("policy", Enforcer)
+
+
 async def auth(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     started = perf_counter()
     response = _auth_answer(request)
+    if type(response) is tuple:  # a key with a policy, or whose owner has limits
+        response = await _policy_answer(request, *response)
     metrics.auth_seconds.observe(perf_counter() - started)
-    if response.status == 200:
+    if response.status == 200 or response.headers.get("X-LMGate-Policy", "").startswith(CHECK_MODEL):
         metrics.allowed += 1
     else:
         metrics.refused += 1
     return response
 
 
-def _auth_answer(request: web.Request) -> web.Response:
+async def _policy_answer(request: web.Request, lists: AllowList, entry: Entry, masked: str) -> web.Response:
+    """/auth for a key with a policy (lmgate/policy.py). A refusal is a 403 whose X-LMGate-Policy
+    says which (with the seconds to wait, for a 429): nginx's denied location answers with the
+    status and body it means (nginx_conf._policy_refusals)."""
+    enforcer = request.app[POLICY]
+    enforcer.watch(lists)
+    verdict = await enforcer.decide(entry, lists.owners.get(entry.owner), request.headers.get(QUERY_HEADER, ""),
+                                    time.time())
+    headers = {"X-LMGate-ID": quote(entry.id, safe=HEADER_SAFE),
+               "X-LMGate-Owner": quote(entry.owner, safe=HEADER_SAFE),
+               "X-LMGate-Key": masked}
+    if verdict.refusal is None:
+        # A yes that a later call of this key may not get (an rpm to count, a model in the path)
+        # is never cached by nginx.
+        headers["Cache-Control"] = _AUTH_CACHE_CONTROL if verdict.cacheable else "no-store"
+        return web.Response(status=200, headers=headers)
+    if verdict.refusal == CHECK_MODEL:
+        headers["X-LMGate-Policy"] = f"{CHECK_MODEL} {verdict.models_regex}"
+    elif verdict.retry_after:
+        headers["X-LMGate-Policy"] = f"{verdict.refusal} {verdict.retry_after}"
+    else:
+        headers["X-LMGate-Policy"] = verdict.refusal
+    headers["X-LMGate-Reason"] = verdict.refusal
+    return web.Response(status=403, headers=headers)
+
+
+def _auth_answer(request: web.Request) -> web.Response | tuple:
     # The answer has no body: nginx never reads an auth subrequest's body, and one would cost it
     # its keepalive connection to the sidecar.
     try:
         key = extract_key(request.headers, request.headers.get(QUERY_HEADER, "").partition("?")[2])
     except KeyProblem as problem:
         return web.Response(status=403, headers={"X-LMGate-Reason": str(problem)})
-    entry = request.app[ALLOWLIST].current.lookup(key)
+    lists = request.app[ALLOWLIST].current
+    entry = lists.lookup(key)
     # A key of arbitrary bytes arrives with surrogates; keep them encodable.
     masked = quote(mask_key(key), safe="", errors="surrogateescape")
     if entry is None:
         return web.Response(status=403, headers={"X-LMGate-Key": masked,
                                                  "X-LMGate-Reason": "key not on the allow-list"})
+    if entry.policy is not None or (lists.owners and entry.owner in lists.owners):
+        return lists, entry, masked
     return web.Response(status=200, headers={
         "X-LMGate-ID": quote(entry.id, safe=HEADER_SAFE),
         "X-LMGate-Owner": quote(entry.owner, safe=HEADER_SAFE),
@@ -165,7 +202,13 @@ def _pipeline(app: web.Application) -> dict[str, float]:
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     # After the writer's context: every record it takes is counted (the relay's too), in batches.
     m = app[METRICS]
-    app[WRITER].on_add = m.add
+    enforcer = app[POLICY]
+
+    def on_add(record: dict) -> None:
+        m.add(record)
+        enforcer.add(record)
+
+    app[WRITER].on_add = on_add
 
     async def drain_forever() -> None:
         while True:
@@ -197,8 +240,10 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     # Before the allow-list: loading it sets every object alive aside from the cycle collector's
     # scans (allowlist.load_outside_gc), the price data the metrics hold included.
     app[METRICS] = Metrics(settings.metrics.per_key_labels, settings.report.prices_path)
+    owners = Path(settings.auth.owners_path) if settings.auth.owners_path else None
     app[ALLOWLIST] = holder or AllowListHolder(settings.auth.allowlist_path,
-                                               settings.auth.poll_interval_seconds)
+                                               settings.auth.poll_interval_seconds, owners)
+    app[POLICY] = Enforcer(Counters(), app[METRICS].spend, lambda: app[ALLOWLIST].current)
     pipeline.setup(app, settings)
     app.cleanup_ctx.append(allowlist_ctx)
     app.router.add_get("/auth", auth)
