@@ -118,6 +118,10 @@ class AllowList:
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         return self._shards[digest[0]].get(digest)
 
+    def entries(self) -> Iterator[Entry]:
+        for shard in self._shards:
+            yield from shard.values()
+
     def release(self) -> None:
         """Free the entries a shard at a time (in a worker thread: see AllowListHolder)."""
         while self._shards:

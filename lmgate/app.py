@@ -4,6 +4,7 @@ Endpoints (never exposed through nginx's public port):
 - GET  /auth    yes/no for the key in the original request's headers; 200 carries X-LMGate-ID.
 - GET  /livez   the process answers.
 - GET  /metrics Prometheus text format (lmgate/metrics.py; docs/metrics.md).
+- GET  /policy/usage  current use of the keys with a policy (lmgate/keys_command.py).
 - GET  /readyz  the allow-list is loaded, the stats file's folder is writable, the spool is read,
                 and nginx's calls reach it (lmgate/readiness.py).
 Records come from the spool folder that nginx appends to, off the request path (lmgate/pipeline.py);
@@ -29,8 +30,8 @@ from lmgate.allowlist import AllowList, AllowListHolder, Entry
 from lmgate.keys import KeyProblem, extract_key, mask_key
 from lmgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from lmgate.metrics import Metrics
-from lmgate.pipeline import READER_TASK, READINESS, SPOOL, WRITER
-from lmgate.policy import CHECK_MODEL, Counters, Enforcer
+from lmgate.pipeline import READ_AFTER, READER_TASK, READINESS, SPOOL, WRITER
+from lmgate.policy import CHECK_MODEL, Counters, Enforcer, counted_subjects, rebuild
 from lmgate.readiness import STUB_STATUS_PATH
 from lmgate.settings import Settings, size_bytes
 from lmgate.writer import STDOUT
@@ -119,6 +120,11 @@ def _auth_answer(request: web.Request) -> web.Response | tuple:
         # it asks again in the background (see nginx_conf._auth_cache).
         "Cache-Control": _AUTH_CACHE_CONTROL,
     })
+
+
+async def policy_usage(request: web.Request) -> web.Response:
+    """Current use of the keys with a policy and of the owners with limits (`lmgate keys`)."""
+    return web.json_response(request.app[POLICY].usage(request.app[ALLOWLIST].current, time.time()))
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -221,6 +227,40 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def policy_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Rebuild this month's spend of counted keys and owners from the stats files, in a thread
+    (/auth answers meanwhile, budgets against what is known so far), before the spool is read."""
+    enforcer, settings = app[POLICY], app[SETTINGS]
+    subjects = counted_subjects(app[ALLOWLIST].current)
+    task = None
+    if subjects and not enforcer.counters.shared and settings.stats.output_path != STDOUT:
+        enforcer.ready = False
+
+        async def run() -> None:
+            started = time.monotonic()
+            try:
+                spends, n = await asyncio.to_thread(rebuild, subjects, settings.stats.output_path,
+                                                    app[METRICS], time.time())
+                for subject, day, tokens, usd in spends:
+                    enforcer.counters.add(subject, day, tokens, usd, None)
+                log.info("policy: spend of %d keys and owners rebuilt from %d records of this month in %.1f s",
+                         len(subjects), n, time.monotonic() - started)
+            except Exception as exc:  # the gate runs on: budgets count from now
+                log.error("policy: spend could not be rebuilt from the stats files (%s); budgets count "
+                          "from now on", exc)
+            finally:
+                enforcer.ready = True
+                app[READ_AFTER].set()
+
+        task = asyncio.create_task(run())
+    else:
+        app[READ_AFTER].set()
+    yield
+    if task is not None:
+        await asyncio.gather(task, return_exceptions=True)
+    await enforcer.counters.close()
+
+
 def _writable_folder(folder) -> bool:
     existing = folder if folder.exists() else folder.parent
     return existing.is_dir() and os.access(existing, os.W_OK)
@@ -244,10 +284,13 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app[ALLOWLIST] = holder or AllowListHolder(settings.auth.allowlist_path,
                                                settings.auth.poll_interval_seconds, owners)
     app[POLICY] = Enforcer(Counters(), app[METRICS].spend, lambda: app[ALLOWLIST].current)
+    app[READ_AFTER] = asyncio.Event()
+    app.cleanup_ctx.append(policy_ctx)
     pipeline.setup(app, settings)
     app.cleanup_ctx.append(allowlist_ctx)
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
+    app.router.add_get("/policy/usage", policy_usage)
     app.router.add_get("/readyz", readyz)
     app[METRICS].pipeline = lambda: _pipeline(app)
     app.cleanup_ctx.append(metrics_ctx)

@@ -131,7 +131,7 @@ class Metrics:
         slot[_DCOUNT] += 1
         slot[_DSUM] += seconds
         slot[_BUCKETS + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-        shaped = _shaped(record)
+        shaped = shape_tokens(record)
         if shaped is None:
             return
         inp, out, cr, cw, rsn, prompt = shaped
@@ -140,13 +140,13 @@ class Metrics:
         slot[_TOKENS + 2] += cr
         slot[_TOKENS + 3] += cw
         slot[_TOKENS + 4] += rsn
-        cost = self._cost(record, shaped)
+        cost = self.cost(record, shaped)
         if cost is None:
             slot[_UNPRICED] += 1
         else:
             slot[_COST] += cost
 
-    def _cost(self, record: dict[str, Any], shaped: tuple) -> float | None:
+    def cost(self, record: dict[str, Any], shaped: tuple) -> float | None:
         """USD at the report's price for the call's day and long-context tier; None: unpriced."""
         inp, out, cr, cw, _, prompt = shaped
         # How many long-context thresholds the prompt exceeds (most calls: none).
@@ -162,10 +162,10 @@ class Metrics:
     def spend(self, record: dict[str, Any]) -> tuple[int, float]:
         """A record's tokens (prompt with cache reads and writes, plus output with reasoning) and
         cost in USD (0 when unpriced), at the report's prices: what policies count."""
-        shaped = _shaped(record)
+        shaped = shape_tokens(record)
         if shaped is None:
             return 0, 0.0
-        return shaped[5] + shaped[1], self._cost(record, shaped) or 0.0
+        return shaped[5] + shaped[1], self.cost(record, shaped) or 0.0
 
     def _price(self, price_key: tuple) -> Any:
         provider, fmt, model, day, tier = price_key
@@ -195,7 +195,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _shaped(record: dict[str, Any]) -> tuple[int, int, int, int, int, int] | None:
+def shape_tokens(record: dict[str, Any]) -> tuple[int, int, int, int, int, int] | None:
     """The report's token shape (In without cache reads, Out with reasoning: docs/report.md) and
     the prompt's size, or None when the record has no counts."""
     inp = record["input_tokens"]
