@@ -124,7 +124,7 @@ def _auth_answer(request: web.Request) -> web.Response | tuple:
 
 async def policy_usage(request: web.Request) -> web.Response:
     """Current use of the keys with a policy and of the owners with limits (`lmgate keys`)."""
-    return web.json_response(request.app[POLICY].usage(request.app[ALLOWLIST].current, time.time()))
+    return web.json_response(await request.app[POLICY].usage(request.app[ALLOWLIST].current, time.time()))
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -231,6 +231,8 @@ async def policy_ctx(app: web.Application) -> AsyncIterator[None]:
     """Rebuild this month's spend of counted keys and owners from the stats files, in a thread
     (/auth answers meanwhile, budgets against what is known so far), before the spool is read."""
     enforcer, settings = app[POLICY], app[SETTINGS]
+    enforcer.watch(app[ALLOWLIST].current)
+    await enforcer.counters.start()
     subjects = counted_subjects(app[ALLOWLIST].current)
     task = None
     if subjects and not enforcer.counters.shared and settings.stats.output_path != STDOUT:
@@ -283,7 +285,12 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     owners = Path(settings.auth.owners_path) if settings.auth.owners_path else None
     app[ALLOWLIST] = holder or AllowListHolder(settings.auth.allowlist_path,
                                                settings.auth.poll_interval_seconds, owners)
-    app[POLICY] = Enforcer(Counters(), app[METRICS].spend, lambda: app[ALLOWLIST].current)
+    if settings.policy.redis_url:
+        from lmgate.policy_redis import RedisCounters
+        counters = RedisCounters(settings.policy.redis_url)
+    else:
+        counters = Counters()
+    app[POLICY] = Enforcer(counters, app[METRICS].spend, lambda: app[ALLOWLIST].current)
     app[READ_AFTER] = asyncio.Event()
     app.cleanup_ctx.append(policy_ctx)
     pipeline.setup(app, settings)

@@ -194,7 +194,7 @@ class Counters:
     def spend_of(self, subject: str) -> Spend | dict | None:
         return self.spends.get(subject)
 
-    def requests_last_minute(self, subject: str, now: float) -> int:
+    async def requests_last_minute(self, subject: str, now: float) -> int:
         window = self.requests.get(subject)
         return window.count(int(now)) if window is not None else 0
 
@@ -204,8 +204,8 @@ class Counters:
             spend = self.spends[subject] = Spend()
         spend.add(day, tokens, usd, second)
 
-    def flush(self) -> None:
-        """Counted spend reaches the shared store (Redis: see policy_redis); nothing here."""
+    async def start(self) -> None:
+        """Background work of a shared store (lmgate/policy_redis.py); none here."""
 
     async def close(self) -> None:
         pass
@@ -290,17 +290,17 @@ class Enforcer:
             if subject in counted:
                 self.counters.add(subject, day, tokens, usd, second)
 
-    def usage(self, lists: AllowList, now: float) -> dict[str, Any]:
+    async def usage(self, lists: AllowList, now: float) -> dict[str, Any]:
         """Current use of every key with a policy and every owner with limits (`lmgate keys`)."""
         self.watch(lists)
 
-        def of(subject: str) -> dict[str, Any]:
+        async def of(subject: str) -> dict[str, Any]:
             spend = self.counters.spend_of(subject)
             use = (spend.usage(now) if isinstance(spend, Spend) else spend) or Spend().usage(now)
-            return {"requests_last_minute": self.counters.requests_last_minute(subject, now), **use}
+            return {"requests_last_minute": await self.counters.requests_last_minute(subject, now), **use}
 
-        keys = {e.id: of("k:" + e.id) for e in lists.with_policy}
-        owners = {owner: of("o:" + owner) for owner in lists.owners}
+        keys = {e.id: await of("k:" + e.id) for e in lists.with_policy}
+        owners = {owner: await of("o:" + owner) for owner in lists.owners}
         return {"keys": keys, "owners": owners, "shared": self.counters.shared,
                 "rebuilt": self.ready}
 

@@ -406,7 +406,7 @@ def _validate(s: Settings, path: Path, errors: _Errors, sections: tuple[str, ...
     if wanted("policy") and s.policy.redis_url and urlsplit(s.policy.redis_url).scheme not in (
             "redis", "rediss", "unix"):
         errors.fail(f"{path}: policy.redis_url must be a redis://, rediss:// or unix:// URL, "
-                    f"got {redact(s.policy.redis_url)!r}", "policy")
+                    f"got {s.policy.redis_url.rpartition('@')[2]!r}", "policy")
     if wanted("logging") and s.logging.level.lower() not in ("debug", "info", "warning", "error"):
         errors.fail(f"{path}: logging.level must be debug, info, warning or error, got {s.logging.level!r}",
                     "logging")

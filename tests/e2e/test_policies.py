@@ -1,7 +1,7 @@
 """Per-key policies through real nginx + njs + sidecar, driven by the providers' SDKs: each refusal
 raises the SDK's own error, answers in the provider's shape and status, and leaves a record with
 its error_type and the key's id; rpm, budgets from records, the rebuild at restart, owner limits,
-and `lmgate keys`."""
+`lmgate keys`, and counters shared by two gates through a real redis-server."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import urllib.request
 
 from tests.support.http import bearer
 from tests.support.mock_upstream import Reply
+from tests.support.redis_server import RedisServer, redis_binary
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -28,6 +29,8 @@ genai = pytest.importorskip("google.genai")
 from google.genai import errors as genai_errors  # noqa: E402
 from google.genai import types as genai_types  # noqa: E402
 
+needs_redis = pytest.mark.skipif(redis_binary() is None,
+                                 reason="redis-server is not installed (scripts/setup.sh --dev installs it)")
 HEADER = "id,api_key,owner,added,expires,disabled,providers,models,rpm,tpm,budget_usd_day,budget_usd_month,budget_tokens_month\n"
 KEYS = {name: f"sk-lmgate-policy-{name}-0123456789abcdef" for name in
         ("expired", "disabled", "openai_only", "mini_only", "rpm", "budget", "team1", "team2", "plain")}
@@ -218,3 +221,56 @@ def test_lmgate_keys_lists_masked_keys_policies_and_use(policy_gate, mock_upstre
     assert "rpm ?/3" in stopped.stdout and "use from the stats files" in stopped.stdout
     for out in (table.stdout, stopped.stdout, stopped.stderr):
         assert not any(key in out for key in KEYS.values())
+
+
+# ---- policy.redis_url
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@needs_redis
+def test_two_gates_share_rpm_and_spend_through_redis(policy_gate, mock_upstream, redis):
+    a = policy_gate(LMGATE_POLICY__REDIS_URL=redis.url)
+    b = policy_gate(LMGATE_POLICY__REDIS_URL=redis.url)
+    mock_upstream.reply("*", Reply(body=CHAT))
+    # rpm 3 over both gates.
+    chat(oai(a, "rpm"))
+    chat(oai(b, "rpm"))
+    chat(oai(a, "rpm"))
+    with pytest.raises(openai.RateLimitError):
+        chat(oai(b, "rpm"))
+    # Spend recorded by gate a stops the key on gate b.
+    chat(oai(a, "budget"))
+
+    def refused_on_b() -> bool:
+        try:
+            chat(oai(b, "budget"))
+        except openai.RateLimitError as exc:
+            return exc.body["type"] == "lmgate_budget_exceeded"
+        return False
+
+    wait_until(refused_on_b, 10, "gate b to refuse the key whose budget gate a spent")
+    assert "unreachable" not in a.log() + b.log()
+
+
+@needs_redis
+def test_a_gate_whose_redis_is_gone_counts_on_its_own(policy_gate, mock_upstream, redis):
+    g = policy_gate(LMGATE_POLICY__REDIS_URL=redis.url)
+    mock_upstream.reply("*", Reply(body=CHAT))
+    chat(oai(g, "rpm"))
+    redis.stop()
+    # Auth and the static policies go on; rpm is this gate's own from now (3 a minute).
+    chat(oai(g, "rpm"))
+    chat(oai(g, "rpm"))
+    chat(oai(g, "rpm"))
+    with pytest.raises(openai.RateLimitError):
+        chat(oai(g, "rpm"))
+    with pytest.raises(openai.PermissionDeniedError):
+        chat(oai(g, "expired"))
+    wait_until(lambda: "Redis at redis://127.0.0.1" in g.log() and "is unreachable" in g.log(), 5,
+               "the log to say Redis is unreachable")
+    assert KEYS["rpm"] not in g.log()
