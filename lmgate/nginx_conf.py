@@ -197,6 +197,7 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
     values["PROXY"] = _fill((NGINX_DIR / "provider_proxy.conf.template").read_text().split("\n", 2)[2].rstrip("\n"),
                             values)
     values["STREAM_USAGE_LOCATIONS"] = _stream_usage_locations(name, settings, values)
+    values["MODEL_OK_STREAM_USAGE"] = _model_ok_stream_usage(name, settings, values)
     values["WEBSOCKET_LOCATION"] = _fill((NGINX_DIR / "websocket.conf.template").read_text(), values)
     return _fill(template, values)
 
@@ -221,6 +222,21 @@ def _stream_usage_locations(name: str, settings: Settings, values: dict[str, str
         return "            # no stream request is rewritten here (stats.ensure_stream_usage)"
     template = (NGINX_DIR / "openai_stream_usage.conf.template").read_text()
     return "".join(_fill(template, {**values, "PATH": path}) for path in paths)
+
+
+def _model_ok_stream_usage(name: str, settings: Settings, values: dict[str, str]) -> str:
+    """stats.ensure_stream_usage for a key with a `models` policy: the named location njs hands a
+    call of a stream-usage path to, proxying as the nested locations of
+    nginx/openai_stream_usage.conf.template do."""
+    if not (settings.stats.ensure_stream_usage and STREAM_USAGE_PATHS.get(name)):
+        return ""
+    capture = "js_body_filter lmgate.capture buffer_type=buffer;"
+    assert capture in values["PROXY"]  # a bug in the templates otherwise
+    proxy = values["PROXY"].replace(capture, "proxy_set_body $lmgate_stream_body_out;\n"
+                                             "            js_body_filter lmgate.captureStreamUsage buffer_type=buffer;")
+    return (f"\n        location @lmgate_model_ok_stream_{name} {{\n"
+            "            set $lmgate_error \"\";\n"
+            f"{proxy}\n        }}\n")
 
 
 def _auth_cache_zone(settings: Settings, temp_dir: Path) -> str:

@@ -213,7 +213,9 @@ function checkModel(r) {
     } catch (e) {
         ok = false;
     }
-    r.internalRedirect((ok ? '@lmgate_model_ok_' : '@lmgate_model_refused_') + prefix);
+    // A stream-usage path (stats.ensure_stream_usage: the nested location set the variable).
+    var ok_at = r.variables.lmgate_stream_usage === '1' ? '@lmgate_model_ok_stream_' : '@lmgate_model_ok_';
+    r.internalRedirect((ok ? ok_at : '@lmgate_model_refused_') + prefix);
 }
 
 

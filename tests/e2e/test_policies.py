@@ -145,6 +145,24 @@ def test_a_models_policy_stream_passes_and_is_recorded(policy_gate, mock_upstrea
     assert record["output_tokens"] == meta["expected"]["output_tokens"] and record["lmgate_id"] == "mini_only"
 
 
+def test_a_models_policy_openai_stream_still_asks_for_usage(policy_gate, mock_upstream):
+    """stats.ensure_stream_usage holds for a key whose model njs checks: usage is asked for, the
+    client gets the stream it asked for, the record has the tokens (a budget counts them)."""
+    g = policy_gate()
+    meta = serve_fixture(mock_upstream, "openai/chat_completions_stream_include_usage")
+    mark = g.mark()
+    chunks = list(oai(g, "mini_only").chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert chunks and all(c.usage is None for c in chunks)
+    assert json.loads(mock_upstream.seen[-1].body)["stream_options"] == {"include_usage": True}
+    [record] = g.new_records(mark, 1)
+    assert record["error_type"] is None and record["input_tokens"] == meta["expected"]["input_tokens"]
+    # Any other path of the key goes through the plain proxying location, body as sent.
+    mock_upstream.reply("*", Reply(body=CHAT))
+    oai(g, "mini_only").responses.create(model="gpt-4o-mini", input="hi", stream=False)
+    assert "stream_options" not in json.loads(mock_upstream.seen[-1].body)
+
+
 def test_rpm_and_owner_limits_answer_429_with_retry_after(policy_gate, mock_upstream):
     g = policy_gate(LMGATE_AUTH__CACHE_SECONDS="1")
     mock_upstream.reply("*", Reply(body=CHAT))
