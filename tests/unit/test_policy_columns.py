@@ -141,3 +141,31 @@ def test_the_model_regex_means_what_fnmatchcase_means(model):
     regex = models_regex(PATTERNS)
     assert bool(re.search(regex, model)) == any(fnmatch.fnmatchcase(model, p) for p in PATTERNS)
     assert re.fullmatch(r"\^\(\?:(?:[A-Za-z0-9|]|\\[!-/:-@\\^_`{-~]|\[\\s\\S\]\*?)*\)\$", regex)
+
+
+def test_check_allowlist_and_keys_read_the_owners_file(tmp_path, monkeypatch, capsys):
+    """`lmgate check-allowlist` counts the keys with a policy and the owners with limits; `lmgate
+    keys` masks plain and hashed keys alike, and says where the use comes from."""
+    import hashlib
+
+    from lmgate import cli
+    from tests.support.ports import free_port
+    keys, owners = tmp_path / "keys.csv", tmp_path / "owners.csv"
+    hashed = "sha256:" + hashlib.sha256(KEY_B.encode()).hexdigest()
+    keys.write_text("id,api_key,owner,added,rpm\n" + f"alice,{KEY_A},a@x,2026,5\n" + f"bob,{hashed},b@x,2026,\n")
+    owners.write_text("owner,budget_usd_day\na@x,2.5\n")
+    monkeypatch.setenv("LMGATE_AUTH__ALLOWLIST_PATH", str(keys))
+    monkeypatch.setenv("LMGATE_AUTH__OWNERS_PATH", str(owners))
+    monkeypatch.setenv("LMGATE_STATS__OUTPUT_PATH", str(tmp_path / "stats.jsonl"))
+    monkeypatch.setenv("LMGATE_SERVER__PORT", str(free_port()))   # no sidecar there
+    assert cli.run(["check-allowlist"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{keys}: 2 keys (1 with a policy)",
+                                                    f"{owners}: 1 owners with limits"]
+    assert cli.run(["keys"]) == 0
+    out, err = capsys.readouterr()
+    assert "does not answer" in err and "from the stats files" in err
+    lines = out.splitlines()
+    assert lines[1].split() == ["alice", "...abcdef", "a@x", "-", "rpm", "?/5"]
+    assert lines[2].split() == ["bob", "sha256:..." + hashed[-6:], "b@x", "-", "-"]
+    assert "budget_usd_day $0.00/$2.50" in out and lines[-1] == "use from the stats files (last minute: unknown)"
+    assert KEY_A not in out + err and KEY_B not in out + err
