@@ -193,12 +193,20 @@ def _providers(cell: str) -> frozenset[str]:
     return frozenset(names)
 
 
+# The patterns reach nginx in a header of the /auth answer, which must fit its buffer (4 KiB).
+MAX_MODELS_CELL = 1000
+MAX_MODELS_REGEX = 2500
+
+
 def _models(cell: str) -> tuple[str, ...]:
     patterns = tuple(p.strip() for p in cell.split("|"))
     for pattern in patterns:
         if not _MODEL_PATTERN.fullmatch(pattern):
             raise ValueError(f"pattern {pattern!r} must be printable ASCII without spaces or [ ], "
                              f"with * and ? as wildcards, e.g. gpt-4o-mini*")
+    if len(cell) > MAX_MODELS_CELL or len(models_regex(patterns)) > MAX_MODELS_REGEX:
+        raise ValueError(f"is too long (at most {MAX_MODELS_CELL} characters, fewer with many wildcards): "
+                         f"use fewer, wider patterns")
     return patterns
 
 

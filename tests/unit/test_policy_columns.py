@@ -75,6 +75,8 @@ def test_disabled_alone_is_a_policy():
     ("providers", "openai|azure", "unknown provider 'azure'"),
     ("models", "gpt-[45]*", "with * and ? as wildcards"),
     ("models", "gpt-4o||", "must be printable ASCII"),
+    ("models", "|".join(["gpt-4o-mini-2024-07-18"] * 50), "is too long"),
+    ("models", "*?" * 300, "is too long"),
     ("rpm", "-1", "whole number"),
     ("tpm", "1.5", "whole number"),
     ("budget_usd_day", "five", "amount in USD"),
