@@ -33,13 +33,14 @@ needs_redis = pytest.mark.skipif(redis_binary() is None,
                                  reason="redis-server is not installed (scripts/setup.sh --dev installs it)")
 HEADER = "id,api_key,owner,added,expires,disabled,providers,models,rpm,tpm,budget_usd_day,budget_usd_month,budget_tokens_month\n"
 KEYS = {name: f"sk-lmgate-policy-{name}-0123456789abcdef" for name in
-        ("expired", "disabled", "openai_only", "mini_only", "rpm", "budget", "team1", "team2", "plain")}
+        ("expired", "disabled", "openai_only", "mini_only", "rpm", "burst", "budget", "team1", "team2", "plain")}
 ROWS = {
     "expired": "2020-01-01,,,,,,,,",
     "disabled": ",true,,,,,,,",
     "openai_only": ",,openai,,,,,,",
     "mini_only": ",,,gpt-4o-mini*|claude-haiku-*|gemini-2.5-*,,,,,",
     "rpm": ",,,,3,,,,",
+    "burst": ",,,,25,,,,",
     "budget": ",,,,,,0.0001,,",
     "team1": ",,,,,,,,",
     "team2": ",,,,,,,,",
@@ -185,6 +186,27 @@ def test_rpm_and_owner_limits_answer_429_with_retry_after(policy_gate, mock_upst
     assert [r["error_type"] for r in records] == [None] * 3 + ["rate_limited_gate"] * 2 + [None, None,
                                                                                            "rate_limited_gate"]
     assert records[-1]["lmgate_id"] == "team1" and records[3]["status"] == 429
+
+
+def test_rpm_holds_exactly_under_concurrent_calls(policy_gate, mock_upstream):
+    """A bounded burst on 8 connections: exactly rpm calls pass (the ±5 % at 64 connections is
+    measured in docs/performance.md)."""
+    from concurrent.futures import ThreadPoolExecutor
+    g = policy_gate(LMGATE_AUTH__CACHE_SECONDS="1")
+    mock_upstream.reply("*", Reply(body=CHAT))
+
+    def call(_: int) -> int:
+        request = urllib.request.Request(g.base("openai") + "/v1/chat/completions", data=b'{"model":"m"}',
+                                         headers={**bearer(KEYS["burst"]), "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(call, range(80)))
+    assert statuses.count(200) == 25 and statuses.count(429) == 55
 
 
 def test_a_spent_budget_refuses_without_sdk_retries_and_survives_a_restart(policy_gate, mock_upstream, tmp_path):
