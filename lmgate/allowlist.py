@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import csv
+import datetime as dt
 import gc
 import hashlib
 import io
@@ -19,7 +20,10 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+
+from lmgate.providers import PROVIDERS
 
 log = logging.getLogger("lmgate.allowlist")
 
@@ -38,11 +42,56 @@ class AllowListError(Exception):
     """The allow-list cannot be used; the message is one line naming the file and line."""
 
 
+# Per-key policy columns (all optional; an empty cell is no limit). The limit columns are also
+# those of the owners file (auth.owners_path), whose limits apply to the sum of an owner's keys.
+LIMIT_COLUMNS = ("rpm", "tpm", "budget_usd_day", "budget_usd_month", "budget_tokens_month")
+POLICY_COLUMNS = ("expires", "disabled", "providers", "models", *LIMIT_COLUMNS)
+# A models pattern: printable ASCII, no white space; `*` and `?` are its only wildcards (fnmatch's
+# `[...]` is refused: nginx matches the same patterns in njs, and these two translate exactly).
+_MODEL_PATTERN = re.compile(r"[!-Z\\^-z|~]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Counted limits of a key or an owner; None = no limit."""
+    rpm: int | None = None
+    tpm: int | None = None
+    budget_usd_day: float | None = None
+    budget_usd_month: float | None = None
+    budget_tokens_month: int | None = None
+
+    @property
+    def counted(self) -> bool:
+        """Whether the records must be counted for it (tokens or spend)."""
+        return (self.tpm is not None or self.budget_usd_day is not None
+                or self.budget_usd_month is not None or self.budget_tokens_month is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    expires: float | None = None          # Unix time from which the key is refused
+    disabled: bool = False
+    providers: frozenset[str] | None = None
+    models: tuple[str, ...] | None = None  # fnmatch patterns (case-sensitive)
+    limits: Limits | None = None
+    models_regex: str | None = None  # the patterns as one regular expression (models_regex())
+
+
+def models_regex(patterns: tuple[str, ...]) -> str:
+    """fnmatch patterns (`*`, `?` and literal characters) as one regular expression that means the
+    same in Python's re and in JavaScript (njs checks request bodies with it)."""
+    def one(pattern: str) -> str:
+        return "".join("[\\s\\S]*" if c == "*" else "[\\s\\S]" if c == "?"
+                       else c if c.isascii() and c.isalnum() else "\\" + c for c in pattern)
+    return "^(?:" + "|".join(one(p) for p in patterns) + ")$"
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     id: str
     owner: str
     line: int
+    policy: Policy | None = None  # None: no policy column set (the fast path)
 
 
 class AllowList:
@@ -53,10 +102,14 @@ class AllowList:
     stalling /auth during a reload; a shard's steps are 1/256 of that.
     """
 
-    def __init__(self, shards: list[dict[bytes, Entry]], source: str) -> None:
+    def __init__(self, shards: list[dict[bytes, Entry]], source: str,
+                 with_policy: list[Entry] | None = None) -> None:
         self._shards = shards
         self._size = sum(len(shard) for shard in shards)
         self.source = source
+        # The entries that have a policy (usually few), and the owners file's limits.
+        self.with_policy: list[Entry] = with_policy or []
+        self.owners: dict[str, Limits] = {}
 
     def __len__(self) -> int:
         return self._size
@@ -64,6 +117,10 @@ class AllowList:
     def lookup(self, key: str) -> Entry | None:
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         return self._shards[digest[0]].get(digest)
+
+    def entries(self) -> Iterator[Entry]:
+        for shard in self._shards:
+            yield from shard.values()
 
     def release(self) -> None:
         """Free the entries a shard at a time (in a worker thread: see AllowListHolder)."""
@@ -92,6 +149,100 @@ def _lines(data: bytes, source: str) -> Iterator[str]:
         start = end
 
 
+def _positive_int(cell: str) -> int:
+    if not cell.isdigit():
+        raise ValueError("must be a whole number >= 0")
+    return int(cell)
+
+
+def _usd(cell: str) -> float:
+    try:
+        value = Decimal(cell)
+    except InvalidOperation:
+        raise ValueError("must be an amount in USD, e.g. 12.50") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError("must be an amount in USD >= 0")
+    return float(value)
+
+
+def _expires(cell: str) -> float:
+    try:
+        if len(cell) == 10:
+            when = dt.datetime.combine(dt.date.fromisoformat(cell), dt.time())
+        else:
+            when = dt.datetime.fromisoformat(cell)
+    except ValueError:
+        raise ValueError("must be a date (2026-12-31) or a date-time (2026-12-31T18:00:00Z), UTC") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def _disabled(cell: str) -> bool:
+    lowered = cell.lower()
+    if lowered not in ("true", "false"):
+        raise ValueError("must be true or false")
+    return lowered == "true"
+
+
+def _providers(cell: str) -> frozenset[str]:
+    names = [name.strip() for name in cell.split("|")]
+    for name in names:
+        if name not in PROVIDERS:
+            raise ValueError(f"unknown provider {name!r} (known: {'|'.join(PROVIDERS)})")
+    return frozenset(names)
+
+
+# The patterns reach nginx in a header of the /auth answer, which must fit its buffer (4 KiB).
+MAX_MODELS_CELL = 1000
+MAX_MODELS_REGEX = 2500
+
+
+def _models(cell: str) -> tuple[str, ...]:
+    patterns = tuple(p.strip() for p in cell.split("|"))
+    for pattern in patterns:
+        if not _MODEL_PATTERN.fullmatch(pattern):
+            raise ValueError(f"pattern {pattern!r} must be printable ASCII without spaces or [ ], "
+                             f"with * and ? as wildcards, e.g. gpt-4o-mini*")
+    if len(cell) > MAX_MODELS_CELL or len(models_regex(patterns)) > MAX_MODELS_REGEX:
+        raise ValueError(f"is too long (at most {MAX_MODELS_CELL} characters, fewer with many wildcards): "
+                         f"use fewer, wider patterns")
+    return patterns
+
+
+_PARSERS = {"expires": _expires, "disabled": _disabled, "providers": _providers, "models": _models,
+            "rpm": _positive_int, "tpm": _positive_int, "budget_usd_day": _usd,
+            "budget_usd_month": _usd, "budget_tokens_month": _positive_int}
+
+
+def _cells(row: list[str], columns: dict[str, int], source: str, line: int) -> dict[str, object]:
+    """The policy cells of a row that are set, parsed; a bad one raises naming line and column."""
+    parsed = {}
+    for column, index in columns.items():
+        cell = row[index].strip()
+        if not cell:
+            continue
+        try:
+            parsed[column] = _PARSERS[column](cell)
+        except ValueError as exc:
+            raise AllowListError(f"{source}:{line}: column {column}: {cell!r} {exc}") from None
+    return parsed
+
+
+def _limits(parsed: dict[str, object]) -> Limits | None:
+    values = {c: parsed[c] for c in LIMIT_COLUMNS if c in parsed}
+    return Limits(**values) if values else None
+
+
+def _policy(parsed: dict[str, object]) -> Policy | None:
+    if not parsed or parsed == {"disabled": False}:
+        return None
+    models = parsed.get("models")
+    return Policy(expires=parsed.get("expires"), disabled=bool(parsed.get("disabled", False)),
+                  providers=parsed.get("providers"), models=models, limits=_limits(parsed),
+                  models_regex=models_regex(models) if models else None)
+
+
 def parse_allowlist(data: bytes, source: str) -> AllowList:
     """Parse the CSV bytes; raise AllowListError naming `source` and the editor line number."""
     reader = csv.reader(_lines(data, source), strict=True)
@@ -100,6 +251,8 @@ def parse_allowlist(data: bytes, source: str) -> AllowList:
     first_line_of_id: list[dict[str, int]] = [{} for _ in range(SHARDS)]
     header: list[str] | None = None
     columns: dict[str, int] = {}
+    policy_columns: dict[str, int] = {}
+    with_policy: list[Entry] = []
     try:
         row_start = 1
         for row in reader:
@@ -114,6 +267,7 @@ def parse_allowlist(data: bytes, source: str) -> AllowList:
                         f"{source}:{line}: header must name the columns {','.join(REQUIRED_COLUMNS)} "
                         f"(missing: {', '.join(missing)})")
                 columns = {c: header.index(c) for c in REQUIRED_COLUMNS}
+                policy_columns = {c: header.index(c) for c in POLICY_COLUMNS if c in header}
                 continue
             if len(row) < len(header):
                 raise AllowListError(f"{source}:{line}: expected {len(header)} fields, found {len(row)}")
@@ -140,14 +294,66 @@ def parse_allowlist(data: bytes, source: str) -> AllowList:
                 raise AllowListError(f"{source}:{line}: duplicate api_key "
                                      f"(same key as line {shard[digest].line})")
             id_lines[values["id"]] = line
-            shard[digest] = Entry(id=values["id"], owner=values["owner"], line=line)
+            policy = _policy(_cells(row, policy_columns, source, line)) if policy_columns else None
+            shard[digest] = entry = Entry(id=values["id"], owner=values["owner"], line=line, policy=policy)
+            if policy is not None:
+                with_policy.append(entry)
     except csv.Error as exc:
         raise AllowListError(f"{source}:{reader.line_num}: malformed CSV: {exc}") from None
     if header is None:
         raise AllowListError(f"{source}:1: empty file (expected the header {','.join(REQUIRED_COLUMNS)})")
     while first_line_of_id:  # freed a shard at a time, as AllowList.release does
         first_line_of_id.pop()
-    return AllowList(shards, source)
+    return AllowList(shards, source, with_policy)
+
+
+def parse_owners(data: bytes, source: str) -> dict[str, Limits]:
+    """The owners file (auth.owners_path): header `owner,` and any of LIMIT_COLUMNS; the limits
+    of an owner apply to the sum over all of that owner's keys."""
+    reader = csv.reader(_lines(data, source), strict=True)
+    owners: dict[str, Limits] = {}
+    lines: dict[str, int] = {}
+    header: list[str] | None = None
+    columns: dict[str, int] = {}
+    try:
+        row_start = 1
+        for row in reader:
+            line, row_start = row_start, reader.line_num + 1
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [cell.strip().lower() for cell in row]
+                if "owner" not in header:
+                    raise AllowListError(f"{source}:{line}: header must name the column owner and any of "
+                                         f"{','.join(LIMIT_COLUMNS)}")
+                columns = {c: header.index(c) for c in LIMIT_COLUMNS if c in header}
+                continue
+            if len(row) < len(header):
+                raise AllowListError(f"{source}:{line}: expected {len(header)} fields, found {len(row)}")
+            owner = row[header.index("owner")].strip()
+            if not owner:
+                raise AllowListError(f"{source}:{line}: empty owner")
+            if owner in lines:
+                raise AllowListError(f"{source}:{line}: duplicate owner {owner!r} (first on line {lines[owner]})")
+            lines[owner] = line
+            limits = _limits(_cells(row, columns, source, line))
+            if limits is not None:
+                owners[owner] = limits
+    except csv.Error as exc:
+        raise AllowListError(f"{source}:{reader.line_num}: malformed CSV: {exc}") from None
+    if header is None:
+        raise AllowListError(f"{source}:1: empty file (expected the header owner,{','.join(LIMIT_COLUMNS)})")
+    return owners
+
+
+def load_owners(path: Path) -> dict[str, Limits]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AllowListError(f"{path}: owners file not found (auth.owners_path)") from None
+    except OSError as exc:
+        raise AllowListError(f"{path}: cannot read owners file: {exc.strerror}") from None
+    return parse_owners(data, str(path))
 
 
 def load_allowlist(path: Path) -> AllowList:
@@ -192,11 +398,12 @@ def _signature(path: Path) -> tuple[int, int, int, int] | None:
 class AllowListHolder:
     """Holds the current allow-list and reloads it when the file changes (parse a copy, then swap)."""
 
-    def __init__(self, path: Path, poll_interval: float) -> None:
+    def __init__(self, path: Path, poll_interval: float, owners_path: Path | None = None) -> None:
         self.path = path
+        self.owners_path = owners_path
         self.poll_interval = poll_interval
-        self._signature = _signature(path)
-        self.current = load_outside_gc(path)
+        self._signature = self._signatures()
+        self.current = self._load()
         self.last_error: str | None = None
         self.loaded_at = time.time()  # when the list in force was read (/readyz, lmgate doctor)
         self.pending = False
@@ -204,12 +411,21 @@ class AllowListHolder:
         self.reloads = 0
         self.reload_errors = 0
 
+    def _signatures(self) -> tuple:
+        return (_signature(self.path), _signature(self.owners_path) if self.owners_path else None)
+
+    def _load(self) -> AllowList:
+        fresh = load_outside_gc(self.path)
+        if self.owners_path is not None:
+            fresh.owners = load_owners(self.owners_path)
+        return fresh
+
     def _changed(self) -> bool:
-        """Whether the file changed and has settled; marks it as seen."""
-        signature = _signature(self.path)
+        """Whether a file changed and has settled; marks it as seen."""
+        signature = self._signatures()
         if signature == self._signature:
             return False
-        if signature is not None and 0 <= time.time_ns() - signature[0] < SETTLE_NS:
+        if any(s is not None and 0 <= time.time_ns() - s[0] < SETTLE_NS for s in signature):
             # Still being written (truncate-then-write): read it once it has settled, so no
             # request ever sees a half-written list.
             self.pending = True
@@ -244,7 +460,7 @@ class AllowListHolder:
 
     def _parse(self) -> AllowList | AllowListError:
         try:
-            return load_outside_gc(self.path)
+            return self._load()
         except AllowListError as exc:
             return exc
 

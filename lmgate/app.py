@@ -4,6 +4,7 @@ Endpoints (never exposed through nginx's public port):
 - GET  /auth    yes/no for the key in the original request's headers; 200 carries X-LMGate-ID.
 - GET  /livez   the process answers.
 - GET  /metrics Prometheus text format (lmgate/metrics.py; docs/metrics.md).
+- GET  /policy/usage  current use of the keys with a policy (lmgate/keys_command.py).
 - GET  /readyz  the allow-list is loaded, the stats file's folder is writable, the spool is read,
                 and nginx's calls reach it (lmgate/readiness.py).
 Records come from the spool folder that nginx appends to, off the request path (lmgate/pipeline.py);
@@ -16,6 +17,8 @@ import asyncio
 import json
 import logging
 import os
+import time
+from pathlib import Path
 from time import perf_counter
 from typing import AsyncIterator
 from urllib.parse import quote
@@ -23,11 +26,12 @@ from urllib.parse import quote
 from aiohttp import web
 
 from lmgate import pipeline, records, ws_relay
-from lmgate.allowlist import AllowListHolder
+from lmgate.allowlist import AllowList, AllowListHolder, Entry
 from lmgate.keys import KeyProblem, extract_key, mask_key
 from lmgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from lmgate.metrics import Metrics
-from lmgate.pipeline import READER_TASK, READINESS, SPOOL, WRITER
+from lmgate.pipeline import READ_AFTER, READER_TASK, READINESS, SPOOL, WRITER
+from lmgate.policy import CHECK_MODEL, Counters, Enforcer, counted_subjects, rebuild
 from lmgate.readiness import STUB_STATUS_PATH
 from lmgate.settings import Settings, size_bytes
 from lmgate.writer import STDOUT
@@ -49,31 +53,65 @@ _AUTH_CACHE_CONTROL = f"stale-while-revalidate={AUTH_REFRESH_SECONDS}"
 # Header through which nginx hands the original request's URI (for the `key` parameter) to /auth.
 QUERY_HEADER = "X-LMGate-Query"
 
+POLICY = web.AppKey("policy", Enforcer)
+
+
 async def auth(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     started = perf_counter()
     response = _auth_answer(request)
+    if type(response) is tuple:  # a key with a policy, or whose owner has limits
+        response = await _policy_answer(request, *response)
     metrics.auth_seconds.observe(perf_counter() - started)
-    if response.status == 200:
+    if response.status == 200 or response.headers.get("X-LMGate-Policy", "").startswith(CHECK_MODEL):
         metrics.allowed += 1
     else:
         metrics.refused += 1
     return response
 
 
-def _auth_answer(request: web.Request) -> web.Response:
+async def _policy_answer(request: web.Request, lists: AllowList, entry: Entry, masked: str) -> web.Response:
+    """/auth for a key with a policy (lmgate/policy.py). A refusal is a 403 whose X-LMGate-Policy
+    says which (with the seconds to wait, for a 429): nginx's denied location answers with the
+    status and body it means (nginx_conf._policy_refusals)."""
+    enforcer = request.app[POLICY]
+    enforcer.watch(lists)
+    verdict = await enforcer.decide(entry, lists.owners.get(entry.owner), request.headers.get(QUERY_HEADER, ""),
+                                    time.time())
+    headers = {"X-LMGate-ID": quote(entry.id, safe=HEADER_SAFE),
+               "X-LMGate-Owner": quote(entry.owner, safe=HEADER_SAFE),
+               "X-LMGate-Key": masked}
+    if verdict.refusal is None:
+        # A yes that a later call of this key may not get (an rpm to count, a model in the path)
+        # is never cached by nginx.
+        headers["Cache-Control"] = _AUTH_CACHE_CONTROL if verdict.cacheable else "no-store"
+        return web.Response(status=200, headers=headers)
+    if verdict.refusal == CHECK_MODEL:
+        headers["X-LMGate-Policy"] = f"{CHECK_MODEL} {verdict.models_regex}"
+    elif verdict.retry_after:
+        headers["X-LMGate-Policy"] = f"{verdict.refusal} {verdict.retry_after}"
+    else:
+        headers["X-LMGate-Policy"] = verdict.refusal
+    headers["X-LMGate-Reason"] = verdict.refusal
+    return web.Response(status=403, headers=headers)
+
+
+def _auth_answer(request: web.Request) -> web.Response | tuple:
     # The answer has no body: nginx never reads an auth subrequest's body, and one would cost it
     # its keepalive connection to the sidecar.
     try:
         key = extract_key(request.headers, request.headers.get(QUERY_HEADER, "").partition("?")[2])
     except KeyProblem as problem:
         return web.Response(status=403, headers={"X-LMGate-Reason": str(problem)})
-    entry = request.app[ALLOWLIST].current.lookup(key)
+    lists = request.app[ALLOWLIST].current
+    entry = lists.lookup(key)
     # A key of arbitrary bytes arrives with surrogates; keep them encodable.
     masked = quote(mask_key(key), safe="", errors="surrogateescape")
     if entry is None:
         return web.Response(status=403, headers={"X-LMGate-Key": masked,
                                                  "X-LMGate-Reason": "key not on the allow-list"})
+    if entry.policy is not None or (lists.owners and entry.owner in lists.owners):
+        return lists, entry, masked
     return web.Response(status=200, headers={
         "X-LMGate-ID": quote(entry.id, safe=HEADER_SAFE),
         "X-LMGate-Owner": quote(entry.owner, safe=HEADER_SAFE),
@@ -82,6 +120,11 @@ def _auth_answer(request: web.Request) -> web.Response:
         # it asks again in the background (see nginx_conf._auth_cache).
         "Cache-Control": _AUTH_CACHE_CONTROL,
     })
+
+
+async def policy_usage(request: web.Request) -> web.Response:
+    """Current use of the keys with a policy and of the owners with limits (`lmgate keys`)."""
+    return web.json_response(await request.app[POLICY].usage(request.app[ALLOWLIST].current, time.time()))
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -165,7 +208,13 @@ def _pipeline(app: web.Application) -> dict[str, float]:
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     # After the writer's context: every record it takes is counted (the relay's too), in batches.
     m = app[METRICS]
-    app[WRITER].on_add = m.add
+    enforcer = app[POLICY]
+
+    def on_add(record: dict) -> None:
+        m.add(record)
+        enforcer.add(record)
+
+    app[WRITER].on_add = on_add
 
     async def drain_forever() -> None:
         while True:
@@ -176,6 +225,42 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def policy_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Rebuild this month's spend of counted keys and owners from the stats files, in a thread
+    (/auth answers meanwhile, budgets against what is known so far), before the spool is read."""
+    enforcer, settings = app[POLICY], app[SETTINGS]
+    enforcer.watch(app[ALLOWLIST].current)
+    await enforcer.counters.start()
+    subjects = counted_subjects(app[ALLOWLIST].current)
+    task = None
+    if subjects and not enforcer.counters.shared and settings.stats.output_path != STDOUT:
+        enforcer.ready = False
+
+        async def run() -> None:
+            started = time.monotonic()
+            try:
+                spends, n = await asyncio.to_thread(rebuild, subjects, settings.stats.output_path,
+                                                    app[METRICS], time.time())
+                for subject, day, tokens, usd in spends:
+                    enforcer.counters.add(subject, day, tokens, usd, None)
+                log.info("policy: spend of %d keys and owners rebuilt from %d records of this month in %.1f s",
+                         len(subjects), n, time.monotonic() - started)
+            except Exception as exc:  # the gate runs on: budgets count from now
+                log.error("policy: spend could not be rebuilt from the stats files (%s); budgets count "
+                          "from now on", exc)
+            finally:
+                enforcer.ready = True
+                app[READ_AFTER].set()
+
+        task = asyncio.create_task(run())
+    else:
+        app[READ_AFTER].set()
+    yield
+    if task is not None:
+        await asyncio.gather(task, return_exceptions=True)
+    await enforcer.counters.close()
 
 
 def _writable_folder(folder) -> bool:
@@ -197,12 +282,22 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     # Before the allow-list: loading it sets every object alive aside from the cycle collector's
     # scans (allowlist.load_outside_gc), the price data the metrics hold included.
     app[METRICS] = Metrics(settings.metrics.per_key_labels, settings.report.prices_path)
+    owners = Path(settings.auth.owners_path) if settings.auth.owners_path else None
     app[ALLOWLIST] = holder or AllowListHolder(settings.auth.allowlist_path,
-                                               settings.auth.poll_interval_seconds)
+                                               settings.auth.poll_interval_seconds, owners)
+    if settings.policy.redis_url:
+        from lmgate.policy_redis import RedisCounters
+        counters = RedisCounters(settings.policy.redis_url)
+    else:
+        counters = Counters()
+    app[POLICY] = Enforcer(counters, app[METRICS].spend, lambda: app[ALLOWLIST].current)
+    app[READ_AFTER] = asyncio.Event()
+    app.cleanup_ctx.append(policy_ctx)
     pipeline.setup(app, settings)
     app.cleanup_ctx.append(allowlist_ctx)
     app.router.add_get("/auth", auth)
     app.router.add_get("/livez", livez)
+    app.router.add_get("/policy/usage", policy_usage)
     app.router.add_get("/readyz", readyz)
     app[METRICS].pipeline = lambda: _pipeline(app)
     app.cleanup_ctx.append(metrics_ctx)

@@ -1,5 +1,5 @@
-"""The `lmgate` command: up, serve, nginx, render-nginx, hash-key, check-allowlist, doctor, report,
-export."""
+"""The `lmgate` command: up, serve, nginx, render-nginx, hash-key, check-allowlist, keys, doctor,
+report, export."""
 
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ _COMMANDS = {
                         "Parse the allow-list as the sidecar would, without starting anything; a bad "
                         "line is one error naming the file and line.",
                         "lmgate check-allowlist data/allowlist.csv"),
+    "keys": ("list the allow-listed keys (masked), their policies and current use",
+             "Each key's id, owner and policy, and its use against each limit (last minute, today, "
+             "this month), from the running sidecar (else from the stats files, as it says); then the "
+             "owners' limits (auth.owners_path).",
+             "lmgate keys\n  lmgate keys --format json"),
     "doctor": ("check that this deployment works end to end; one line per check, with the fix",
                "Config, nginx's rendered config, TLS, the sidecar and its allow-list, the folders each "
                "process needs, a canary call that must come back as a record, and each provider's "
@@ -97,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     command("hash-key", config=False)
     check = command("check-allowlist")
     check.add_argument("path", nargs="?", type=Path, help="CSV file (default: auth.allowlist_path)")
+    from lmgate.keys_command import add_arguments as add_keys_arguments
+    add_keys_arguments(command("keys"))
     from lmgate.doctor import add_arguments as add_doctor_arguments
     add_doctor_arguments(command("doctor"))
     report = command("report")
@@ -150,8 +157,14 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check-allowlist":
         allowlist = load_allowlist(args.path or settings.auth.allowlist_path)
-        print(f"{allowlist.source}: {len(allowlist)} keys")
+        print(f"{allowlist.source}: {len(allowlist)} keys ({len(allowlist.with_policy)} with a policy)")
+        if settings.auth.owners_path and args.path is None:
+            from lmgate.allowlist import load_owners
+            print(f"{settings.auth.owners_path}: {len(load_owners(Path(settings.auth.owners_path)))} owners with limits")
         return 0
+    if args.command == "keys":
+        from lmgate.keys_command import run as keys
+        return keys(settings, args.format, sys.stdout, sys.stderr)
     if args.command == "report":
         from lmgate.report import run_report
         from lmgate.settings import ReportSettings

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
+from lmgate.records import POLICY_ERRORS
 from lmgate.refusals import FOLDED
 from lmgate.report.prices import Pricer, PriceError, load_prices
 
@@ -44,7 +45,7 @@ DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
 AUTH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_write", "reasoning")
 # Calls the gate refused: they never reached the provider, so they have no upstream duration.
-DENIED = frozenset({"forbidden", "gate_unavailable"})
+DENIED = frozenset({"forbidden", "gate_unavailable", *POLICY_ERRORS})
 STUB_STATUS_TIMEOUT_SECONDS = 1.0
 _STUB = re.compile(rb"Active connections:\s*(\d+)\s+server accepts handled requests\s+(\d+)\s+(\d+)\s+"
                    rb"(\d+)\s+Reading:\s*(\d+)\s+Writing:\s*(\d+)\s+Waiting:\s*(\d+)")
@@ -56,9 +57,9 @@ DURATION_BUCKETS_MS = tuple(round(bound * 1000, 6) for bound in DURATION_BUCKETS
 _KEY = operator.itemgetter("provider", "model", "status", "error_type", "api_format")
 _KEY_WHO = operator.itemgetter("provider", "model", "status", "error_type", "api_format", "owner",
                                "lmgate_id")
-_COLUMNS = tuple(operator.itemgetter(name) for name in (
-    "duration_ms", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-    "reasoning_tokens", "timestamp"))
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                "reasoning_tokens")
+_COLUMNS = tuple(operator.itemgetter(name) for name in ("duration_ms", *TOKEN_FIELDS, "timestamp"))
 
 
 class Metrics:
@@ -161,12 +162,9 @@ class Metrics:
         if no_tokens:    # a record without input and output counts no tokens at all
             usage = [i is not None or o is not None for i, o in zip(inp, out, strict=True)]
             cr, cw, rsn = (itertools.compress(column, usage) for column in (cr, cw, rsn))
-        inp, out, cr, cw, rsn = (sum(filter(None, column)) for column in (inp, out, cr, cw, rsn))
-        if fmt != "anthropic":   # the report's shape, as in observe
-            inp -= cr
-            cw = 0
-            if fmt == "google":
-                out += rsn
+        # The shape is linear: the shape of the sums is the sum of the shapes.
+        sums = dict(zip(TOKEN_FIELDS, (sum(filter(None, c)) for c in (inp, out, cr, cw, rsn)), strict=True))
+        inp, out, cr, cw, rsn, _ = shape_tokens({**sums, "api_format": fmt})
         slot[_TOKENS] += inp
         slot[_TOKENS + 1] += out
         slot[_TOKENS + 2] += cr
@@ -209,39 +207,39 @@ class Metrics:
         slot[_DCOUNT] += 1
         slot[_DSUM] += seconds
         slot[_BUCKETS + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-        inp = record["input_tokens"]
-        out = record["output_tokens"]
-        if inp is None and out is None:
+        shaped = shape_tokens(record)
+        if shaped is None:
             return
-        inp = inp or 0
-        out = out or 0
-        cr = record["cache_read_tokens"] or 0
-        cw = record["cache_write_tokens"] or 0
-        rsn = record["reasoning_tokens"] or 0
-        fmt = key[4]
-        # The report's shape: In excludes cache reads, Out includes reasoning (docs/report.md).
-        if fmt == "anthropic":
-            prompt = inp + cr + cw
-        else:
-            prompt = inp
-            inp -= cr
-            cw = 0
-            if fmt == "google":
-                out += rsn
+        inp, out, cr, cw, rsn, prompt = shaped
         slot[_TOKENS] += inp
         slot[_TOKENS + 1] += out
         slot[_TOKENS + 2] += cr
         slot[_TOKENS + 3] += cw
         slot[_TOKENS + 4] += rsn
-        # How many long-context thresholds the prompt exceeds (most calls: none).
-        tier = bisect.bisect_left(self._thresholds, prompt) if prompt > self._lowest else 0
-        price_key = (key[0], fmt, key[1], record["timestamp"][:10], tier)
-        units = self._units(price_key)
-        if units is None:
+        cost = self.cost(record, shaped)
+        if cost is None:
             slot[_UNPRICED] += 1
         else:
-            slot[_COST] += (inp * units.input + cr * units.cache_read + cw * units.cache_write
-                            + out * units.output)
+            slot[_COST] += cost
+
+    def cost(self, record: dict[str, Any], shaped: tuple) -> float | None:
+        """USD at the report's price for the call's day and long-context tier; None: unpriced."""
+        inp, out, cr, cw, _, prompt = shaped
+        # How many long-context thresholds the prompt exceeds (most calls: none).
+        tier = bisect.bisect_left(self._thresholds, prompt) if prompt > self._lowest else 0
+        price_key = (record["provider"], record["api_format"], record["model"], record["timestamp"][:10], tier)
+        units = self._units(price_key)
+        if units is None:
+            return None
+        return inp * units.input + cr * units.cache_read + cw * units.cache_write + out * units.output
+
+    def spend(self, record: dict[str, Any]) -> tuple[int, float]:
+        """A record's tokens (prompt with cache reads and writes, plus output with reasoning) and
+        cost in USD (0 when unpriced), at the report's prices: what policies count."""
+        shaped = shape_tokens(record)
+        if shaped is None:
+            return 0, 0.0
+        return shaped[5] + shaped[1], self.cost(record, shaped) or 0.0
 
     def _price(self, price_key: tuple) -> Any:
         provider, fmt, model, day, tier = price_key
@@ -269,6 +267,29 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def shape_tokens(record: dict[str, Any]) -> tuple[int, int, int, int, int, int] | None:
+    """The report's token shape (In without cache reads, Out with reasoning: docs/report.md) and
+    the prompt's size, or None when the record has no counts."""
+    inp = record["input_tokens"]
+    out = record["output_tokens"]
+    if inp is None and out is None:
+        return None
+    inp = inp or 0
+    out = out or 0
+    cr = record["cache_read_tokens"] or 0
+    cw = record["cache_write_tokens"] or 0
+    rsn = record["reasoning_tokens"] or 0
+    if record["api_format"] == "anthropic":
+        prompt = inp + cr + cw
+    else:
+        prompt = inp
+        inp -= cr
+        cw = 0
+        if record["api_format"] == "google":
+            out += rsn
+    return inp, out, cr, cw, rsn, prompt
 
 
 def _epoch(timestamp: str) -> float:

@@ -22,6 +22,7 @@ from lmgate.readiness import PATH_PREFIX as READINESS_PATH
 from lmgate.readiness import SOCKET_NAME as READINESS_SOCKET_NAME
 from lmgate.readiness import STUB_STATUS_PATH
 from lmgate.permissions import User, usable, user_named
+from lmgate.records import POLICY_ERRORS
 from lmgate.providers import KEY_HEADERS, KEY_PARAMS, KEY_SUBPROTOCOLS, SUBPROTOCOL_HEADER, PROVIDERS, STREAM_USAGE_PATHS, error_body
 from lmgate.settings import Settings
 from lmgate.spool import NGINX_CLOSE_SECONDS, SPOOL_PREFIX, SPOOL_SUFFIX
@@ -35,7 +36,30 @@ NGINX_BINARY_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin")
 
 INSTALL_HINT = "install it with: sudo apt-get install nginx-light libnginx-mod-http-js (or run scripts/setup.sh)"
 # Headers that only LMGate may set; a client's copies are dropped before the provider sees them.
-LMGATE_HEADERS = ("X-LMGate-ID", "X-LMGate-Owner", "X-LMGate-Key", "X-LMGate-Query", "X-LMGate-Reason")
+LMGATE_HEADERS = ("X-LMGate-ID", "X-LMGate-Owner", "X-LMGate-Key", "X-LMGate-Query", "X-LMGate-Reason",
+                  "X-LMGate-Policy")
+# Policy refusals that say how long to wait: `<word> <seconds>` in X-LMGate-Policy (lmgate/app.py).
+_RETRY_AFTER = "(?<lmgate_retry_after>[0-9]+)"
+
+
+def _policy_refusals(name: str, api: str) -> str:
+    """The denied location's answers to the sidecar's X-LMGate-Policy (records.POLICY_ERRORS), in
+    the provider's error shape; with a 429 a Retry-After, and for a spent budget x-should-retry:
+    false, which the OpenAI and Anthropic SDKs obey instead of retrying in vain until the next day."""
+    blocks = []
+    for word, (status, message) in POLICY_ERRORS.items():
+        body = _nginx_string(error_body(api, status, message, "lmgate_" + word))
+        if status == 429:
+            lines = [f'if ($lmgate_policy ~ "^{word} {_RETRY_AFTER}$") {{',
+                     f"    set $lmgate_error {word};",
+                     "    add_header Retry-After $lmgate_retry_after always;"]
+            if word == "budget_exceeded":
+                lines.append("    add_header x-should-retry false always;")
+        else:
+            lines = [f"if ($lmgate_policy = {word}) {{", f"    set $lmgate_error {word};"]
+        blocks += [*lines, f"    return {status} '{body}';", "}"]
+    blocks += ['if ($lmgate_policy ~ "^check_model ") {', f"    rewrite ^ /_lmgate_model/{name} last;", "}"]
+    return "\n".join(" " * 12 + line for line in blocks)
 
 
 class RenderError(Exception):
@@ -154,8 +178,11 @@ def _provider_block(template: str, name: str, upstream: str, settings: Settings)
     }
     values = {key: _nginx_string(error_body(api, status, message, kind))
               for key, (status, message, kind) in messages.items()}
+    values["POLICY_MODEL_BODY"] = _nginx_string(error_body(api, 403, POLICY_ERRORS["policy_model"][1],
+                                                           "lmgate_policy_model"))
     values.update({
         "NAME": name,
+        "POLICY_REFUSALS": _policy_refusals(name, api),
         "UPSTREAM_URL": upstream.rstrip("/"),
         "UPSTREAM_SCHEME": url.scheme,
         "UPSTREAM_PATH": url.path.rstrip("/"),
@@ -216,7 +243,8 @@ def _auth_cache(settings: Settings) -> str:
         "            # A \"yes\" is reused for auth.cache_seconds, keyed by a hash of the key material",
         "            # ($lmgate_auth_key, set in the provider locations); refusals are never cached.",
         "            proxy_cache lmgate_auth;",
-        "            proxy_cache_key $lmgate_auth_key;",
+        "            # With the provider prefix: a key's policy may allow one provider and not another.",
+        "            proxy_cache_key $lmgate_auth_key$lmgate_raw_prefix;",
         "            proxy_no_cache $lmgate_auth_nocache;",
         "            proxy_cache_bypass $lmgate_auth_nocache;",
         f"            proxy_cache_valid 200 {settings.auth.cache_seconds}s;",

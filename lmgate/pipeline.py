@@ -75,6 +75,9 @@ SPOOL = web.AppKey("spool", SpoolReader)
 RECORDER = web.AppKey("recorder", Recorder)
 READINESS = web.AppKey("readiness", ReadinessProbe)
 READER_TASK = web.AppKey("reader_task", asyncio.Task)
+# Set when the spool may be read: per-key spend is first rebuilt from the stats files (app.py),
+# which must not change meanwhile; the lines wait in the spool.
+READ_AFTER = web.AppKey("read_after", asyncio.Event)
 
 
 def setup(app: web.Application, settings: Settings) -> None:
@@ -133,6 +136,8 @@ async def _cancelled(task: asyncio.Task) -> None:
 
 async def read_spool(app: web.Application) -> None:
     spool, writer, refusals, readiness = app[SPOOL], app[WRITER], app[RECORDER].refusals, app[READINESS]
+    if READ_AFTER in app:
+        await app[READ_AFTER].wait()
     loop = asyncio.get_running_loop()
     lines_came = loop.time()
     folds_due = 0.0

@@ -91,11 +91,13 @@ def error_body(api: str, status: int, message: str, kind: str) -> str:
     """
     if api == "anthropic":
         anthropic_type = {403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                          400: "invalid_request_error", 504: "timeout_error"}.get(status, "api_error")
+                          400: "invalid_request_error", 429: "rate_limit_error",
+                          504: "timeout_error"}.get(status, "api_error")
         body = {"type": "error", "error": {"type": anthropic_type, "message": message}}
     elif api == "google":
         google_status = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                         413: "INVALID_ARGUMENT", 502: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+                         413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 502: "UNAVAILABLE",
+                         504: "DEADLINE_EXCEEDED"}
         body = {"error": {"code": status, "message": message, "status": google_status.get(status, "INTERNAL")}}
     else:
         body = {"error": {"message": message, "type": kind, "param": None, "code": kind}}

@@ -23,8 +23,21 @@ from lmgate.usage import STREAM_ERROR, Usage, extract_usage, model_from_path
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
                 "reasoning_tokens", "total_tokens")
 
+# Per-key policy refusals (lmgate/policy.py): status, and the message the client gets.
+POLICY_ERRORS = {
+    "policy_expired": (403, "LMGate refused this API key: it has expired (allow-list column expires)."),
+    "policy_disabled": (403, "LMGate refused this API key: it is disabled (allow-list column disabled)."),
+    "policy_provider": (403, "LMGate refused this call: this API key may not be used with this provider "
+                             "(allow-list column providers)."),
+    "policy_model": (403, "LMGate refused this call: this API key may not use this model, or the request "
+                          "names none that LMGate could read (allow-list column models)."),
+    "rate_limited_gate": (429, "LMGate refused this call: the rate limit (rpm or tpm) of this API key or "
+                               "its owner is reached; retry after the Retry-After seconds."),
+    "budget_exceeded": (429, "LMGate refused this call: the spending budget of this API key or its owner "
+                             "is spent until the Retry-After seconds have passed (the next UTC day or month)."),
+}
 # Words nginx sets in $lmgate_error for answers it generated itself.
-NGINX_ERRORS = frozenset({"forbidden", "gate_unavailable", "upstream_unreachable", "bad_path"})
+NGINX_ERRORS = frozenset({"forbidden", "gate_unavailable", "upstream_unreachable", "bad_path", *POLICY_ERRORS})
 # The canary location's calls (nginx.conf.template; `lmgate doctor`): recorded, left out of reports.
 CANARY = "canary"
 NGINX_ERRORS |= {CANARY}

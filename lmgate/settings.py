@@ -75,6 +75,8 @@ class AuthSettings:
     allowlist_path: Path = Path("../data/allowlist.csv")
     poll_interval_seconds: float = 30.0
     cache_seconds: int = 1
+    # "" = no owners file (a path is a string here because empty means none).
+    owners_path: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,12 @@ class MetricsSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class PolicySettings:
+    # "" = counters in this sidecar's memory; redis://host:port/db = shared by every gate using it.
+    redis_url: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingSettings:
     level: str = "info"
 
@@ -132,6 +140,7 @@ class Settings:
     providers: dict[str, ProviderSettings] = dataclasses.field(default_factory=_default_providers)
     report: ReportSettings = ReportSettings()
     metrics: MetricsSettings = MetricsSettings()
+    policy: PolicySettings = PolicySettings()
     logging: LoggingSettings = LoggingSettings()
     source: Path = Path("<defaults>")
 
@@ -348,6 +357,8 @@ def _resolve_paths(settings: Any, folder: Path) -> Any:
         changes = {f.name: _resolve_paths(getattr(settings, f.name), folder)
                    for f in dataclasses.fields(settings) if f.name != "source"
                    and not (f.name == "output_path" and getattr(settings, f.name) == Path("-"))}
+        if getattr(settings, "owners_path", ""):  # a path kept as a string ("" = none)
+            changes["owners_path"] = str(_resolve_paths(Path(settings.owners_path), folder))
         return dataclasses.replace(settings, **changes)
     return settings
 
@@ -392,6 +403,10 @@ def _validate(s: Settings, path: Path, errors: _Errors, sections: tuple[str, ...
         except ValueError:
             if wanted(key):
                 errors.fail(f"{path}: {key} must be an nginx size like 512, 32k or 100m, got {size!r}", key)
+    if wanted("policy") and s.policy.redis_url and urlsplit(s.policy.redis_url).scheme not in (
+            "redis", "rediss", "unix"):
+        errors.fail(f"{path}: policy.redis_url must be a redis://, rediss:// or unix:// URL, "
+                    f"got {s.policy.redis_url.rpartition('@')[2]!r}", "policy")
     if wanted("logging") and s.logging.level.lower() not in ("debug", "info", "warning", "error"):
         errors.fail(f"{path}: logging.level must be debug, info, warning or error, got {s.logging.level!r}",
                     "logging")

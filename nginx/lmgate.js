@@ -199,6 +199,31 @@ function decode(text) {
     }
 }
 
+// ---- a key with a `models` policy (nginx/provider.conf.template, /_lmgate_model/<provider>): the
+// sidecar answered "check_model <regular expression>" (lmgate/allowlist.py models_regex, the
+// allow-list's fnmatch patterns). A body that is not JSON with a string `model`, or that nginx
+// could not hold in memory (r.requestText throws), is refused: the policy fails closed.
+function checkModel(r) {
+    var prefix = r.variables.lmgate_raw_prefix;
+    var ok = false;
+    try {
+        var doc = JSON.parse(r.requestText);
+        ok = doc !== null && typeof doc === 'object' && typeof doc.model === 'string' &&
+            new RegExp(r.variables.lmgate_policy.slice(12)).test(doc.model);
+    } catch (e) {
+        ok = false;
+    }
+    if (!ok) {
+        r.internalRedirect('@lmgate_model_refused_' + prefix);
+    } else if (r.variables.lmgate_stream_usage === '1') {
+        // A stream-usage path (stats.ensure_stream_usage: the nested location set the variable):
+        // the named location that looks at a body already read (openai_stream_usage_named).
+        r.internalRedirect('@lmgate_' + prefix + '_body');
+    } else {
+        r.internalRedirect('@lmgate_model_ok_' + prefix);
+    }
+}
+
 
 // ---- stats.ensure_stream_usage: OpenAI chat/completions and completions streams that do not ask
 // for usage get `stream_options.include_usage` added on the way up; on the way down the client
@@ -330,4 +355,5 @@ function sendWithoutUsage(r, buf, flags) {
     send(r, pos === 0 ? buf : buf.slice(pos), flags);
 }
 
-export default {authHash, maskedKeys, capture, body, streamUsageBody, readBody, captureStreamUsage};
+export default {authHash, maskedKeys, capture, body, checkModel, streamUsageBody, readBody,
+                captureStreamUsage};

@@ -569,11 +569,15 @@ class Gate:
     """LMGate as shipped: `python -m lmgate up --config config/lmgate.yaml` with LMGATE_* overrides."""
 
     def __init__(self, folder: Path, mock_port: int, cpu: Cpu, core: str, config: Path = CONFIG,
-                 tls: tuple[Path, Path] | None = None) -> None:
-        """`tls`: (certificate, key): TLS on proxy.port (tls_port), plain HTTP on proxy.http_port (port)."""
+                 tls: tuple[Path, Path] | None = None, policy: str = "") -> None:
+        """`tls`: (certificate, key): TLS on proxy.port (tls_port), plain HTTP on proxy.http_port (port).
+        `policy`: the bench key's policy columns, "rpm=100000000;models=gpt-*" (--policy)."""
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "allowlist.csv").write_text(f"id,api_key,owner,added\nbench,{KEY},bench@example.com,2026-01-01\n")
+        columns = dict(item.split("=", 1) for item in policy.split(";") if item)
+        (folder / "allowlist.csv").write_text(
+            "id,api_key,owner,added" + "".join("," + c for c in columns) + "\n"
+            f"bench,{KEY},bench@example.com,2026-01-01" + "".join("," + v for v in columns.values()) + "\n")
         self.stats_dir = folder / "stats"
         self.port = free_port()
         self.tls_port = free_port() if tls else None
@@ -762,7 +766,8 @@ class Bench:
                               render_bare(self.folder / "bare", port, mock_port, (tls_port, *tls) if tls else None),
                               port, self.cpu, self.cpu.gate_core)
             self.bare.tls_port = tls_port if tls else None
-        self.gate = Gate(self.folder / "gate", mock_port, self.cpu, self.cpu.gate_core, self.args.config, tls)
+        self.gate = Gate(self.folder / "gate", mock_port, self.cpu, self.cpu.gate_core, self.args.config, tls,
+                         self.args.policy)
         self.rss["sidecar_start_kb"] = rss_kb(self.gate.sidecar)
         self.rss["nginx_worker_start_kb"] = rss_kb(self.gate.nginx_worker)
         self._check_responses()
@@ -1152,6 +1157,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="record py-spy (sidecar) and perf (proxy core) profiles of the LMGate runs at the highest "
                         "connection count into DIR (perturbs the load core; see docs/performance.md)")
+    p.add_argument("--policy", default="", metavar="COLUMNS",
+                   help='the bench key\'s per-key policy, e.g. "rpm=100000000" or "models=gpt-*" (README: '
+                        'Per-key policies); default none')
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores with taskset")
     p.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs, stats)")
     args = p.parse_args(argv)

@@ -8,11 +8,12 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from lmgate.records import POLICY_ERRORS
 from lmgate.report.prices import GENAI, Pricer, genai_version
 
 # error_type values: a denied call never reached the provider; these two are successful calls
 # whose counts are missing (a request, not an error).
-DENIED = frozenset({"forbidden", "gate_unavailable", "bad_path"})
+DENIED = frozenset({"forbidden", "gate_unavailable", "bad_path", *POLICY_ERRORS})
 NO_USAGE = frozenset({"usage_missing", "capture_truncated"})
 
 COUNTERS = ("requests", "denied", "errors", "input_tokens", "output_tokens", "cache_read_tokens",

@@ -579,8 +579,10 @@ def test_classify(status, nginx_error, problem, expected):
 
 
 def test_nginx_error_words_match_the_nginx_template():
-    template = "".join((REPO / "nginx" / name).read_text()
-                       for name in ("provider.conf.template", "nginx.conf.template"))
+    # Rendered: the policy refusals' words come from records.POLICY_ERRORS (nginx_conf.py).
+    from lmgate.nginx_conf import render
+    from lmgate.settings import load_settings
+    template = render(load_settings(REPO / "config" / "lmgate.yaml", environ={}), None, njs_module=None)
     words = set(re.findall(r"set \$lmgate_error (\w+);", template))
     assert words == set(NGINX_ERRORS) | {SPOOL_WORD}  # the readiness probe's lines are no records
 
