@@ -31,7 +31,7 @@ if [ -n "$extra" ]; then
     command -v kubectl >/dev/null 2>&1 || packages+=(kubernetes-client)
     # The HTML report's browser test (tests/e2e/test_report_html.py): headless Chromium.
     command -v chromium >/dev/null 2>&1 || packages+=(chromium)
-    # Per-key policies shared through Redis (tests/e2e/test_policies_redis.py): a real redis-server.
+    # Per-key policies shared through Redis (tests/e2e/test_policies.py): a real redis-server.
     command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || packages+=(redis-server)
 fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 \
