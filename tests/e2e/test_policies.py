@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from tests.e2e.test_sdks import serve_fixture
+from tests.e2e.test_stream_usage import USAGE, OpenAILike
 from tests.support.gate import CONFIG, Gate
 import urllib.error
 import urllib.request
@@ -70,6 +71,14 @@ def policy_gate(mock_upstream, tmp_path):
     yield start
     for g in gates:
         g.stop()
+
+
+@pytest.fixture
+def openai_streams(mock_upstream):
+    """Chat answers as OpenAI gives them: a stream with usage only when asked for."""
+    mock_upstream.reply("/v1/chat/completions", Reply(dynamic=OpenAILike()))
+    yield
+    mock_upstream.replies.pop("/v1/chat/completions", None)
 
 
 def oai(g: Gate, name: str, **kw) -> "openai.OpenAI":
@@ -146,30 +155,29 @@ def test_a_models_policy_stream_passes_and_is_recorded(policy_gate, mock_upstrea
     assert record["output_tokens"] == meta["expected"]["output_tokens"] and record["lmgate_id"] == "mini_only"
 
 
-def test_a_models_policy_openai_stream_still_asks_for_usage(policy_gate, mock_upstream):
+def test_a_models_policy_openai_stream_still_asks_for_usage(policy_gate, mock_upstream, openai_streams):
     """stats.ensure_stream_usage holds for a key whose model njs checks: usage is asked for, the
     client gets the stream it asked for, the record has the tokens (a budget counts them)."""
     g = policy_gate()
-    meta = serve_fixture(mock_upstream, "openai/chat_completions_stream_include_usage")
     mark = g.mark()
     chunks = list(oai(g, "mini_only").chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True))
     assert chunks and all(c.usage is None for c in chunks)
     assert json.loads(mock_upstream.seen[-1].body)["stream_options"] == {"include_usage": True}
     [record] = g.new_records(mark, 1)
-    assert record["error_type"] is None and record["input_tokens"] == meta["expected"]["input_tokens"]
+    assert record["error_type"] is None and record["input_tokens"] == USAGE["prompt_tokens"]
     # Any other path of the key goes through the plain proxying location, body as sent.
     mock_upstream.reply("*", Reply(body=CHAT))
     oai(g, "mini_only").responses.create(model="gpt-4o-mini", input="hi", stream=False)
     assert "stream_options" not in json.loads(mock_upstream.seen[-1].body)
 
 
-def test_a_models_policy_call_with_a_large_body_and_an_unreachable_upstream(policy_gate, mock_upstream):
+def test_a_models_policy_call_with_a_large_body_and_an_unreachable_upstream(policy_gate, mock_upstream,
+                                                                           openai_streams):
     """A stream body over 2 KB takes the read-first way of stats.ensure_stream_usage after njs has
     checked its model; a provider that cannot be reached still gets LMGate's 502 in OpenAI's shape
     there, after the chain of error pages."""
     g = policy_gate()
-    meta = serve_fixture(mock_upstream, "openai/chat_completions_stream_include_usage")
     mark = g.mark()
     long = "a long conversation " * 200
     chunks = list(oai(g, "mini_only").chat.completions.create(
@@ -177,7 +185,7 @@ def test_a_models_policy_call_with_a_large_body_and_an_unreachable_upstream(poli
     assert chunks and all(c.usage is None for c in chunks)
     assert json.loads(mock_upstream.seen[-1].body)["stream_options"] == {"include_usage": True}
     [record] = g.new_records(mark, 1)
-    assert record["error_type"] is None and record["input_tokens"] == meta["expected"]["input_tokens"]
+    assert record["error_type"] is None and record["input_tokens"] == USAGE["prompt_tokens"]
     g.stop()
     down = policy_gate(LMGATE_PROVIDERS__OPENAI__UPSTREAM="http://127.0.0.1:9")
     mark = down.mark()
