@@ -150,7 +150,7 @@ def _lines(data: bytes, source: str) -> Iterator[str]:
 
 
 def _positive_int(cell: str) -> int:
-    if not cell.isdigit():
+    if not (cell.isascii() and cell.isdigit()):
         raise ValueError("must be a whole number >= 0")
     return int(cell)
 

@@ -78,6 +78,7 @@ def test_disabled_alone_is_a_policy():
     ("models", "|".join(["gpt-4o-mini-2024-07-18"] * 50), "is too long"),
     ("models", "*?" * 300, "is too long"),
     ("rpm", "-1", "whole number"),
+    ("rpm", "\u00b2", "whole number"),                          # a digit to str.isdigit, not to int
     ("tpm", "1.5", "whole number"),
     ("budget_usd_day", "five", "amount in USD"),
     ("budget_usd_month", "-3", ">= 0"),
