@@ -35,7 +35,7 @@ PARSE_SWITCH_INTERVAL = 0.0005
 # each step then holds the GIL briefly, and /auth keeps answering during a big reload.
 PIECE_BYTES = 256 * 1024
 SHARDS = 256  # one per value of a key digest's first byte, which picks the table
-_SHA256_FORM = re.compile(r"sha256:([0-9a-fA-F]{64})")
+SHA256_FORM = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
 
 class AllowListError(Exception):
@@ -278,7 +278,7 @@ def parse_allowlist(data: bytes, source: str) -> AllowList:
             key = values["api_key"]
             if any(ch.isspace() for ch in key):
                 raise AllowListError(f"{source}:{line}: api_key contains white space")
-            match = _SHA256_FORM.fullmatch(key)
+            match = SHA256_FORM.fullmatch(key)
             if match:
                 digest = bytes.fromhex(match.group(1))
             elif key.lower().startswith("sha256:"):

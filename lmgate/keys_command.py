@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
-from lmgate.allowlist import LIMIT_COLUMNS, Entry, Limits, Policy, _SHA256_FORM, load_allowlist, load_owners
+from lmgate.allowlist import LIMIT_COLUMNS, Entry, Limits, Policy, SHA256_FORM, load_allowlist, load_owners
 from lmgate.keys import mask_key
 from lmgate.settings import Settings
 
@@ -44,7 +44,7 @@ def _masks(path: Path) -> dict[str, str]:
             continue
         cells = dict(zip(header, (c.strip() for c in row[:len(header)]), strict=True))
         key = cells.get("api_key", "")
-        masks[cells.get("id", "")] = ("sha256:..." + key[-6:].lower() if _SHA256_FORM.fullmatch(key)
+        masks[cells.get("id", "")] = ("sha256:..." + key[-6:].lower() if SHA256_FORM.fullmatch(key)
                                       else mask_key(key))
     return masks
 
