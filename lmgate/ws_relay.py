@@ -316,7 +316,7 @@ class Relay:
         finally:   # also when the sidecar stops: the open response is recorded
             for task in tasks:
                 task.cancel()
-            first = next((tasks[t] for t in tasks if t.done() and not t.cancelled()), "upstream")
+            first = _first_to_end(tasks)
             tracker.closed(by_client=first == "client")
         for task in done:
             if task.exception() is not None and not isinstance(task.exception(), ConnectionError):
@@ -332,6 +332,17 @@ class Relay:
         now = time.time()
         self.emit(records._record({**meta, "ts": f"{now:.3f}", "t": "0"}, endpoint, status,
                                   Usage(model=model, stream=True), error_type, now, api, 0))
+
+
+def _first_to_end(tasks: dict[asyncio.Future, str]) -> str:
+    """Which side ended the relay. Both pumps may be done by the same wake-up: a client that left
+    also fails the upstream pump's next write to it (a ConnectionError), so the client counts
+    first; with neither done (the sidecar stops), the upstream."""
+    ended = {side: task for task, side in tasks.items() if task.done() and not task.cancelled()}
+    upstream = ended.get("upstream")
+    if "client" in ended or (upstream is not None and isinstance(upstream.exception(), ConnectionError)):
+        return "client"
+    return "upstream"
 
 
 def _query_model(query: str) -> str | None:

@@ -3,6 +3,7 @@ from each WebSocket API's documentation (the e2e tests run the relay itself)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -140,3 +141,32 @@ def test_gemini_live_turn_complete_without_usage_at_close_is_usage_missing_not_c
     t.closed(by_client=True)
     [r] = records
     assert (r["status"], r["error_type"]) == (101, "usage_missing")
+
+
+def test_the_side_that_ended_the_relay():
+    """A client that left may also fail the upstream pump's write to it in the same wake-up: the
+    response it cut is client_closed, not upstream_unreachable."""
+    from lmgate.ws_relay import _first_to_end
+
+    async def check():
+        loop = asyncio.get_running_loop()
+
+        def future(result=None, error=None, cancel=False):
+            f = loop.create_future()
+            if cancel:
+                f.cancel()
+            elif error is not None:
+                f.set_exception(error)
+            elif result != "pending":
+                f.set_result(result)
+            return f
+
+        pending = "pending"
+        assert _first_to_end({future(): "upstream", future(pending): "client"}) == "upstream"
+        assert _first_to_end({future(pending): "upstream", future(): "client"}) == "client"
+        assert _first_to_end({future(): "upstream", future(): "client"}) == "client"
+        assert _first_to_end({future(error=ConnectionResetError()): "upstream",
+                              future(pending): "client"}) == "client"
+        assert _first_to_end({future(error=ValueError()): "upstream", future(pending): "client"}) == "upstream"
+        assert _first_to_end({future(cancel=True): "upstream", future(cancel=True): "client"}) == "upstream"
+    asyncio.run(check())
