@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -243,16 +243,13 @@ def _policy(parsed: dict[str, object]) -> Policy | None:
                   models_regex=models_regex(models) if models else None)
 
 
-def parse_allowlist(data: bytes, source: str) -> AllowList:
-    """Parse the CSV bytes; raise AllowListError naming `source` and the editor line number."""
+def _rows(data: bytes, source: str, check_header: Callable[[list[str], int], None],
+          expected: str) -> Iterator[tuple[int, list[str], list[str]]]:
+    """(line, header, row) for each row of a CSV file after its header (lower-cased, checked by
+    `check_header`), blank rows skipped. A short row, malformed CSV or a file without a header is
+    an AllowListError naming the line; `expected` says what header was expected."""
     reader = csv.reader(_lines(data, source), strict=True)
-    shards: list[dict[bytes, Entry]] = [{} for _ in range(SHARDS)]
-    # The first line of each id, in shards too (by the id's hash), for the same reason.
-    first_line_of_id: list[dict[str, int]] = [{} for _ in range(SHARDS)]
     header: list[str] | None = None
-    columns: dict[str, int] = {}
-    policy_columns: dict[str, int] = {}
-    with_policy: list[Entry] = []
     try:
         row_start = 1
         for row in reader:
@@ -261,47 +258,62 @@ def parse_allowlist(data: bytes, source: str) -> AllowList:
                 continue
             if header is None:
                 header = [cell.strip().lower() for cell in row]
-                missing = [c for c in REQUIRED_COLUMNS if c not in header]
-                if missing:
-                    raise AllowListError(
-                        f"{source}:{line}: header must name the columns {','.join(REQUIRED_COLUMNS)} "
-                        f"(missing: {', '.join(missing)})")
-                columns = {c: header.index(c) for c in REQUIRED_COLUMNS}
-                policy_columns = {c: header.index(c) for c in POLICY_COLUMNS if c in header}
+                check_header(header, line)
                 continue
             if len(row) < len(header):
                 raise AllowListError(f"{source}:{line}: expected {len(header)} fields, found {len(row)}")
-            values = {c: row[i].strip() for c, i in columns.items()}
-            for column in REQUIRED_COLUMNS:
-                if not values[column]:
-                    raise AllowListError(f"{source}:{line}: empty {column}")
-            key = values["api_key"]
-            if any(ch.isspace() for ch in key):
-                raise AllowListError(f"{source}:{line}: api_key contains white space")
-            match = SHA256_FORM.fullmatch(key)
-            if match:
-                digest = bytes.fromhex(match.group(1))
-            elif key.lower().startswith("sha256:"):
-                raise AllowListError(f"{source}:{line}: api_key sha256: form needs exactly 64 hex digits")
-            else:
-                digest = hashlib.sha256(key.encode("utf-8")).digest()
-            id_lines = first_line_of_id[hash(values["id"]) % SHARDS]
-            if values["id"] in id_lines:
-                raise AllowListError(f"{source}:{line}: duplicate id {values['id']!r} "
-                                     f"(first on line {id_lines[values['id']]})")
-            shard = shards[digest[0]]
-            if digest in shard:
-                raise AllowListError(f"{source}:{line}: duplicate api_key "
-                                     f"(same key as line {shard[digest].line})")
-            id_lines[values["id"]] = line
-            policy = _policy(_cells(row, policy_columns, source, line)) if policy_columns else None
-            shard[digest] = entry = Entry(id=values["id"], owner=values["owner"], line=line, policy=policy)
-            if policy is not None:
-                with_policy.append(entry)
+            yield line, header, row
     except csv.Error as exc:
         raise AllowListError(f"{source}:{reader.line_num}: malformed CSV: {exc}") from None
     if header is None:
-        raise AllowListError(f"{source}:1: empty file (expected the header {','.join(REQUIRED_COLUMNS)})")
+        raise AllowListError(f"{source}:1: empty file (expected the header {expected})")
+
+
+def parse_allowlist(data: bytes, source: str) -> AllowList:
+    """Parse the CSV bytes; raise AllowListError naming `source` and the editor line number."""
+    shards: list[dict[bytes, Entry]] = [{} for _ in range(SHARDS)]
+    # The first line of each id, in shards too (by the id's hash), for the same reason.
+    first_line_of_id: list[dict[str, int]] = [{} for _ in range(SHARDS)]
+    columns: dict[str, int] = {}
+    policy_columns: dict[str, int] = {}
+    with_policy: list[Entry] = []
+
+    def check_header(header: list[str], line: int) -> None:
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise AllowListError(f"{source}:{line}: header must name the columns {','.join(REQUIRED_COLUMNS)} "
+                                 f"(missing: {', '.join(missing)})")
+        columns.update({c: header.index(c) for c in REQUIRED_COLUMNS})
+        policy_columns.update({c: header.index(c) for c in POLICY_COLUMNS if c in header})
+
+    for line, _, row in _rows(data, source, check_header, ",".join(REQUIRED_COLUMNS)):
+        values = {c: row[i].strip() for c, i in columns.items()}
+        for column in REQUIRED_COLUMNS:
+            if not values[column]:
+                raise AllowListError(f"{source}:{line}: empty {column}")
+        key = values["api_key"]
+        if any(ch.isspace() for ch in key):
+            raise AllowListError(f"{source}:{line}: api_key contains white space")
+        match = SHA256_FORM.fullmatch(key)
+        if match:
+            digest = bytes.fromhex(match.group(1))
+        elif key.lower().startswith("sha256:"):
+            raise AllowListError(f"{source}:{line}: api_key sha256: form needs exactly 64 hex digits")
+        else:
+            digest = hashlib.sha256(key.encode("utf-8")).digest()
+        id_lines = first_line_of_id[hash(values["id"]) % SHARDS]
+        if values["id"] in id_lines:
+            raise AllowListError(f"{source}:{line}: duplicate id {values['id']!r} "
+                                 f"(first on line {id_lines[values['id']]})")
+        shard = shards[digest[0]]
+        if digest in shard:
+            raise AllowListError(f"{source}:{line}: duplicate api_key "
+                                 f"(same key as line {shard[digest].line})")
+        id_lines[values["id"]] = line
+        policy = _policy(_cells(row, policy_columns, source, line)) if policy_columns else None
+        shard[digest] = entry = Entry(id=values["id"], owner=values["owner"], line=line, policy=policy)
+        if policy is not None:
+            with_policy.append(entry)
     while first_line_of_id:  # freed a shard at a time, as AllowList.release does
         first_line_of_id.pop()
     return AllowList(shards, source, with_policy)
@@ -310,39 +322,26 @@ def parse_allowlist(data: bytes, source: str) -> AllowList:
 def parse_owners(data: bytes, source: str) -> dict[str, Limits]:
     """The owners file (auth.owners_path): header `owner,` and any of LIMIT_COLUMNS; the limits
     of an owner apply to the sum over all of that owner's keys."""
-    reader = csv.reader(_lines(data, source), strict=True)
     owners: dict[str, Limits] = {}
     lines: dict[str, int] = {}
-    header: list[str] | None = None
     columns: dict[str, int] = {}
-    try:
-        row_start = 1
-        for row in reader:
-            line, row_start = row_start, reader.line_num + 1
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if header is None:
-                header = [cell.strip().lower() for cell in row]
-                if "owner" not in header:
-                    raise AllowListError(f"{source}:{line}: header must name the column owner and any of "
-                                         f"{','.join(LIMIT_COLUMNS)}")
-                columns = {c: header.index(c) for c in LIMIT_COLUMNS if c in header}
-                continue
-            if len(row) < len(header):
-                raise AllowListError(f"{source}:{line}: expected {len(header)} fields, found {len(row)}")
-            owner = row[header.index("owner")].strip()
-            if not owner:
-                raise AllowListError(f"{source}:{line}: empty owner")
-            if owner in lines:
-                raise AllowListError(f"{source}:{line}: duplicate owner {owner!r} (first on line {lines[owner]})")
-            lines[owner] = line
-            limits = _limits(_cells(row, columns, source, line))
-            if limits is not None:
-                owners[owner] = limits
-    except csv.Error as exc:
-        raise AllowListError(f"{source}:{reader.line_num}: malformed CSV: {exc}") from None
-    if header is None:
-        raise AllowListError(f"{source}:1: empty file (expected the header owner,{','.join(LIMIT_COLUMNS)})")
+
+    def check_header(header: list[str], line: int) -> None:
+        if "owner" not in header:
+            raise AllowListError(f"{source}:{line}: header must name the column owner and any of "
+                                 f"{','.join(LIMIT_COLUMNS)}")
+        columns.update({c: header.index(c) for c in LIMIT_COLUMNS if c in header})
+
+    for line, header, row in _rows(data, source, check_header, f"owner,{','.join(LIMIT_COLUMNS)}"):
+        owner = row[header.index("owner")].strip()
+        if not owner:
+            raise AllowListError(f"{source}:{line}: empty owner")
+        if owner in lines:
+            raise AllowListError(f"{source}:{line}: duplicate owner {owner!r} (first on line {lines[owner]})")
+        lines[owner] = line
+        limits = _limits(_cells(row, columns, source, line))
+        if limits is not None:
+            owners[owner] = limits
     return owners
 
 
