@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lmgate.report.output import DENIED
 from tests.support.gate import ALICE_KEY, BOB_KEY, UNLISTED_KEY
 from tests.support.wait import wait_until
 
@@ -112,3 +113,7 @@ def check_dashboard(families) -> None:
         assert not unknown, f"{expr}: not exported: {sorted(unknown)}"
         have = set().union(*(labels[n] for n in names))
         assert grouped <= have, f"{expr}: no such labels: {sorted(grouped - have)}"
+    # Its share of denied calls counts every refusal the report counts as denied (policies too).
+    [ratio] = [p for p in dashboard["panels"] if p.get("title") == "Error and deny ratio"]
+    denied = re.search(r'error_type=~"([^"]*)"', ratio["targets"][1]["expr"]).group(1)
+    assert set(denied.split("|")) == DENIED
