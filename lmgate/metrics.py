@@ -32,8 +32,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
-from lmgate.records import POLICY_ERRORS
 from lmgate.refusals import FOLDED
+from lmgate.report.output import DENIED  # refused by the gate: no upstream duration
 from lmgate.report.prices import Pricer, PriceError, load_prices
 
 log = logging.getLogger("lmgate.sidecar")
@@ -44,8 +44,6 @@ DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
                     40.96, 81.92)
 AUTH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_write", "reasoning")
-# Calls the gate refused: they never reached the provider, so they have no upstream duration.
-DENIED = frozenset({"forbidden", "gate_unavailable", *POLICY_ERRORS})
 STUB_STATUS_TIMEOUT_SECONDS = 1.0
 _STUB = re.compile(rb"Active connections:\s*(\d+)\s+server accepts handled requests\s+(\d+)\s+(\d+)\s+"
                    rb"(\d+)\s+Reading:\s*(\d+)\s+Writing:\s*(\d+)\s+Waiting:\s*(\d+)")
