@@ -176,8 +176,12 @@ def test_provider_refusing_the_handshake_is_one_upstream_error(ws_gate):
 
 
 def test_plain_http_on_the_same_gate_is_not_relayed(ws_gate, ws_mock):
+    mark = ws_gate.mark()
     resp = httpx.get(ws_gate.base("openai") + "/v1/responses", headers={"Authorization": f"Bearer {ALICE_KEY}"})
     assert resp.status_code == 400 and "WebSocket only" in resp.text   # the mock's HTTP answer
+    # Recorded as an HTTP call (waited for: a record coming late would land in the next test's).
+    [r] = ws_gate.new_records(mark, 1)
+    assert (r["status"], r["error_type"], r["endpoint"]) == (400, "upstream_error", "/openai/v1/responses")
 
 
 openai = pytest.importorskip("openai")
