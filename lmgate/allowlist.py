@@ -243,7 +243,7 @@ def _policy(parsed: dict[str, object]) -> Policy | None:
                   models_regex=models_regex(models) if models else None)
 
 
-def _rows(data: bytes, source: str, check_header: Callable[[list[str], int], None],
+def csv_rows(data: bytes, source: str, check_header: Callable[[list[str], int], None],
           expected: str) -> Iterator[tuple[int, list[str], list[str]]]:
     """(line, header, row) for each row of a CSV file after its header (lower-cased, checked by
     `check_header`), blank rows skipped. A short row, malformed CSV or a file without a header is
@@ -286,7 +286,7 @@ def parse_allowlist(data: bytes, source: str) -> AllowList:
         columns.update({c: header.index(c) for c in REQUIRED_COLUMNS})
         policy_columns.update({c: header.index(c) for c in POLICY_COLUMNS if c in header})
 
-    for line, _, row in _rows(data, source, check_header, ",".join(REQUIRED_COLUMNS)):
+    for line, _, row in csv_rows(data, source, check_header, ",".join(REQUIRED_COLUMNS)):
         values = {c: row[i].strip() for c, i in columns.items()}
         for column in REQUIRED_COLUMNS:
             if not values[column]:
@@ -332,7 +332,7 @@ def parse_owners(data: bytes, source: str) -> dict[str, Limits]:
                                  f"{','.join(LIMIT_COLUMNS)}")
         columns.update({c: header.index(c) for c in LIMIT_COLUMNS if c in header})
 
-    for line, header, row in _rows(data, source, check_header, f"owner,{','.join(LIMIT_COLUMNS)}"):
+    for line, header, row in csv_rows(data, source, check_header, f"owner,{','.join(LIMIT_COLUMNS)}"):
         owner = row[header.index("owner")].strip()
         if not owner:
             raise AllowListError(f"{source}:{line}: empty owner")
@@ -345,24 +345,22 @@ def parse_owners(data: bytes, source: str) -> dict[str, Limits]:
     return owners
 
 
-def load_owners(path: Path) -> dict[str, Limits]:
+def read_file(path: Path, what: str) -> bytes:
+    """The file's bytes; an AllowListError naming it (`what`: "allow-list", ...) if it cannot be read."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        raise AllowListError(f"{path}: owners file not found (auth.owners_path)") from None
+        raise AllowListError(f"{path}: {what} not found") from None
     except OSError as exc:
-        raise AllowListError(f"{path}: cannot read owners file: {exc.strerror}") from None
-    return parse_owners(data, str(path))
+        raise AllowListError(f"{path}: cannot read {what}: {exc.strerror}") from None
+
+
+def load_owners(path: Path) -> dict[str, Limits]:
+    return parse_owners(read_file(path, "owners file (auth.owners_path)"), str(path))
 
 
 def load_allowlist(path: Path) -> AllowList:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise AllowListError(f"{path}: allow-list not found") from None
-    except OSError as exc:
-        raise AllowListError(f"{path}: cannot read allow-list: {exc.strerror}") from None
-    return parse_allowlist(data, str(path))
+    return parse_allowlist(read_file(path, "allow-list"), str(path))
 
 
 def load_outside_gc(path: Path) -> AllowList:

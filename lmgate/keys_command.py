@@ -9,8 +9,6 @@ says which.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 import urllib.error
@@ -18,9 +16,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
-from lmgate.allowlist import LIMIT_COLUMNS, Entry, Limits, Policy, SHA256_FORM, load_allowlist, load_owners
+from lmgate.allowlist import (LIMIT_COLUMNS, SHA256_FORM, Entry, Limits, Policy, csv_rows, load_allowlist,
+                              load_owners, read_file)
 from lmgate.keys import mask_key
 from lmgate.settings import Settings
+from lmgate.writer import STDOUT
 
 USAGE_PATH = "/policy/usage"
 TIMEOUT_SECONDS = 2.0
@@ -35,17 +35,18 @@ def add_arguments(parser) -> None:
 
 
 def _masks(path: Path) -> dict[str, str]:
-    """id -> the key as shown: the last 6 characters, or the last 6 hex digits of a sha256: form."""
-    reader = csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline=""))
-    header = [c.strip().lower() for c in next(reader, [])]
+    """id -> the key as shown: the last 6 characters, or the last 6 hex digits of a sha256: form.
+    (The allow-list in memory holds only the keys' hashes.)"""
+    columns: dict[str, int] = {}
+
+    def check_header(header: list[str], line: int) -> None:
+        columns.update(id=header.index("id"), api_key=header.index("api_key"))
+
     masks = {}
-    for row in reader:
-        if len(row) < len(header) or not any(c.strip() for c in row):
-            continue
-        cells = dict(zip(header, (c.strip() for c in row[:len(header)]), strict=True))
-        key = cells.get("api_key", "")
-        masks[cells.get("id", "")] = ("sha256:..." + key[-6:].lower() if SHA256_FORM.fullmatch(key)
-                                      else mask_key(key))
+    for _, _, row in csv_rows(read_file(path, "allow-list"), str(path), check_header, "id,api_key,..."):
+        key = row[columns["api_key"]].strip()
+        masks[row[columns["id"]].strip()] = ("sha256:..." + key[-6:].lower() if SHA256_FORM.fullmatch(key)
+                                             else mask_key(key))
     return masks
 
 
@@ -84,7 +85,7 @@ def _from_stats(settings: Settings, entries: list[Entry], owners: dict[str, Limi
     subjects = frozenset({"k:" + e.id for e in entries} | {"o:" + o for o in owners})
     now = time.time()
     spends: dict[str, Spend] = {}
-    if str(settings.stats.output_path) != "-":
+    if settings.stats.output_path != STDOUT:
         rows, _ = rebuild(subjects, settings.stats.output_path, Metrics(prices_path=settings.report.prices_path), now)
         for subject, day, tokens, usd in rows:
             spends.setdefault(subject, Spend()).add(day, tokens, usd, None)
