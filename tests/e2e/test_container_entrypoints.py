@@ -121,6 +121,13 @@ class Service:
             self._log.close()
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """Cleanup: a process started with start_new_session, and its group, if it still runs."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
 def kill_pidfile(pidfile: Path) -> None:
     """Stop an nginx left behind (only if a test failed half-way): `lmgate nginx` starts nginx in
     a session of its own, so its master's process group holds the master and its workers."""

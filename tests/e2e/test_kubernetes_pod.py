@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.e2e.test_container_entrypoints import (NGINX_SCRIPT, PROVIDERS, SIDECAR_SCRIPT, START_SECONDS,
-                                                  Service, Upstream, call, kill_pidfile)
+                                                  Service, Upstream, call, kill_group, kill_pidfile)
 from tests.support.gate import ALICE_KEY, CONFIG, UNLISTED_KEY, Gate, spool_dir
 from tests.support.http import bearer, http_status
 from tests.support.ports import free_port
@@ -124,9 +124,7 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
         sidecar.send_signal(signal.SIGTERM)
         assert sidecar.wait(15) == 0, err_path.read_text()
     finally:
-        if sidecar.poll() is None:
-            os.killpg(sidecar.pid, signal.SIGKILL)
-            sidecar.wait(5)
+        kill_group(sidecar)
         nginx.kill()
         kill_pidfile(tmp_path / "run" / "nginx.pid")
         upstream.stop()
@@ -173,9 +171,7 @@ def test_lmgate_up_with_dash_prints_the_records_on_its_stdout_and_doctor_passes(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, err_path.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        kill_group(proc)
     records = [json.loads(line) for line in out_path.read_bytes().splitlines()]
     calls = [r for r in records if r["error_type"] != "canary"]
     assert [(r["endpoint"], r["status"]) for r in calls] == [("/openai/v1/k8s/stdout", s) for s in statuses]
