@@ -124,8 +124,11 @@ def test_sidecar_sigterm_under_load_writes_every_buffered_record(own_gate, mock_
     before = [r for r in on_disk if r["endpoint"] == "/openai/v1/faults/term-before"]
     assert len(before) == 200
     assert len({r["request_id"] for r in on_disk}) == len(on_disk), "a record was written twice"
-    during_ok = sum(c.status == 200 for c in calls)
-    assert len(on_disk) - 200 <= during_ok
+    # Calls refused while the sidecar shut down are recorded too (403 gate_unavailable), so a
+    # phantom record shows as more records of a status than calls that got it.
+    during = [r for r in on_disk if r["endpoint"] == "/openai/v1/faults/term-during"]
+    for status in {r["status"] for r in during}:
+        assert sum(r["status"] == status for r in during) <= sum(c.status == status for c in calls), status
     assert "could not be written at shutdown" not in g.log()
     # The restarted sidecar writes what came later when the gate stops; nothing is doubled.
     assert g.stop() == 0
