@@ -2,9 +2,9 @@
 against each limit (last minute, today, this month), then the owners' limits.
 
 Current use comes from the running sidecar (GET /policy/usage on the sidecar's port, which nginx
-never exposes). When it does not answer, today's and this month's spend come from the stats
-files (as the sidecar rebuilds them at start) and the last minute's use is unknown: the output
-says which.
+never exposes). When it does not answer, it comes from Redis with policy.redis_url (the use of
+every gate sharing it), else today's and this month's spend come from the stats files (as the
+sidecar rebuilds them at start) and the last minute's use is unknown: the output says which.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ TIMEOUT_SECONDS = 2.0
 # Use that each limit is compared with.
 _USE_OF = {"rpm": "requests_last_minute", "tpm": "tokens_last_minute", "budget_usd_day": "usd_today",
            "budget_usd_month": "usd_month", "budget_tokens_month": "tokens_month"}
+
+
+_FOOTERS = {"sidecar": "use from the sidecar", "redis": "use from Redis (every gate sharing it)",
+            "stats files": "use from the stats files (last minute: unknown)"}
 
 
 def add_arguments(parser) -> None:
@@ -79,10 +83,26 @@ def _from_sidecar(settings: Settings) -> dict[str, Any] | None:
         return None
 
 
+def _subjects(entries: list[Entry], owners: dict[str, Limits]) -> list[str]:
+    return ["k:" + e.id for e in entries] + ["o:" + o for o in owners]
+
+
+def _from_redis(settings: Settings, entries: list[Entry], owners: dict[str, Limits],
+                err: TextIO) -> dict[str, Any] | None:
+    import redis
+    from lmgate.policy_redis import read_usage, shown
+    try:
+        use = read_usage(settings.policy.redis_url, _subjects(entries, owners), time.time(), TIMEOUT_SECONDS)
+    except redis.RedisError as exc:
+        err.write(f"lmgate: Redis at {shown(settings.policy.redis_url)} does not answer either ({exc})\n")
+        return None
+    return {"keys": {e.id: use["k:" + e.id] for e in entries}, "owners": {o: use["o:" + o] for o in owners}}
+
+
 def _from_stats(settings: Settings, entries: list[Entry], owners: dict[str, Limits]) -> dict[str, Any]:
     from lmgate.metrics import Metrics
     from lmgate.policy import Spend, rebuild
-    subjects = frozenset({"k:" + e.id for e in entries} | {"o:" + o for o in owners})
+    subjects = frozenset(_subjects(entries, owners))
     now = time.time()
     spends: dict[str, Spend] = {}
     if settings.stats.output_path != STDOUT:
@@ -106,9 +126,14 @@ def run(settings: Settings, fmt: str, out: TextIO, err: TextIO) -> int:
     usage = _from_sidecar(settings)
     source = "sidecar"
     if usage is None:
-        source = "stats files"
         err.write(f"lmgate: the sidecar does not answer at {settings.server.reachable_host}:{settings.server.port} "
-                  f"(not running?): today's and this month's use come from the stats files "
+                  f"(not running?)\n")
+        if settings.policy.redis_url:
+            usage = _from_redis(settings, entries, owners, err)
+            source = "redis"
+    if usage is None:
+        source = "stats files"
+        err.write(f"lmgate: today's and this month's use come from the stats files "
                   f"({settings.stats.output_path}); the last minute's is unknown\n")
         usage = _from_stats(settings, entries, owners)
     keys = []
@@ -154,7 +179,7 @@ def _table(keys: list[dict], owners: list[dict], source: str, out: TextIO) -> No
         out.write("\n")
         _print([("OWNER", "USE / LIMIT (sum over the owner's keys)")]
                + [(o["owner"], _against(o["limits"], o["use"]) or "-") for o in owners], out)
-    out.write(f"\nuse from the {source}" + (" (last minute: unknown)" if source != "sidecar" else "") + "\n")
+    out.write("\n" + _FOOTERS[source] + "\n")
 
 
 def _print(rows: list[tuple], out: TextIO) -> None:

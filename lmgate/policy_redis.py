@@ -71,6 +71,48 @@ return 0
 """ % {"window": WINDOW_SECONDS}
 
 
+USAGE_READS = 4
+
+
+def _queue_usage(pipe, subject: str, day: str) -> None:
+    """Queue the reads of one subject's shared use on `pipe`: USAGE_READS replies, for _usage."""
+    pipe.get(f"{PREFIX}usd:{subject}:{day}")
+    pipe.get(f"{PREFIX}usd:{subject}:{day[:7]}")
+    pipe.get(f"{PREFIX}tokens:{subject}:{day[:7]}")
+    pipe.hgetall(f"{PREFIX}tpm:{subject}")
+
+
+def _usage(replies: list, now: float) -> dict[str, float]:
+    usd_day, usd_month, tokens_month, minute = replies
+    return {"usd_today": float(usd_day or 0), "usd_month": float(usd_month or 0),
+            "tokens_month": int(tokens_month or 0), "tokens_last_minute": _last_minute(minute, now)}
+
+
+def _last_minute(buckets: dict, now: float) -> int:
+    """The sum of a one-second-bucket hash over the sliding window that ends now."""
+    return sum(int(n) for s, n in buckets.items() if int(s) > int(now) - WINDOW_SECONDS)
+
+
+def read_usage(url: str, subjects: list[str], now: float, timeout: float) -> dict[str, dict[str, float]]:
+    """Each subject's use as all gates share it, for `lmgate keys` when no sidecar answers.
+    Raises redis.RedisError when Redis does not answer."""
+    import redis
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        pipe = client.pipeline(transaction=False)
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        for subject in subjects:
+            _queue_usage(pipe, subject, day)
+            pipe.hgetall(PREFIX + "rpm:" + subject)
+        replies = pipe.execute()
+    finally:
+        client.close()
+    n = USAGE_READS + 1
+    return {subject: {"requests_last_minute": _last_minute(replies[i * n + USAGE_READS], now),
+                      **_usage(replies[i * n:i * n + USAGE_READS], now)}
+            for i, subject in enumerate(subjects)}
+
+
 def shown(url: str) -> str:
     """The URL for a log line: without its user and password."""
     parts = urlsplit(url)
@@ -130,7 +172,7 @@ class RedisCounters(Counters):
             buckets = await self.client.hgetall(PREFIX + "rpm:" + subject)
         except Exception:
             return await self.local.requests_last_minute(subject, now)
-        return sum(int(n) for s, n in buckets.items() if int(s) > int(now) - WINDOW_SECONDS)
+        return _last_minute(buckets, now)
 
     def add(self, subject: str, day: str, tokens: int, usd: float, second: int | None) -> None:
         pending = self._usd.get((subject, day))
@@ -173,10 +215,7 @@ class RedisCounters(Counters):
                 pipe.expire(f"{PREFIX}tpm:{subject}", WINDOW_SECONDS * 2)
         writes = len(pipe)
         for subject in subjects:
-            pipe.get(f"{PREFIX}usd:{subject}:{day}")
-            pipe.get(f"{PREFIX}usd:{subject}:{day[:7]}")
-            pipe.get(f"{PREFIX}tokens:{subject}:{day[:7]}")
-            pipe.hgetall(f"{PREFIX}tpm:{subject}")
+            _queue_usage(pipe, subject, day)
         try:
             results = await pipe.execute()
         except Exception:
@@ -188,14 +227,8 @@ class RedisCounters(Counters):
             raise
         self._back()
         reads = results[writes:]
-        totals = {}
-        for i, subject in enumerate(subjects):
-            usd_day, usd_month, tokens_month, minute = reads[i * 4:i * 4 + 4]
-            totals[subject] = {
-                "usd_today": float(usd_day or 0), "usd_month": float(usd_month or 0),
-                "tokens_month": int(tokens_month or 0),
-                "tokens_last_minute": sum(int(n) for s, n in minute.items() if int(s) > now - WINDOW_SECONDS)}
-        self.totals = totals
+        self.totals = {subject: _usage(reads[i * USAGE_READS:(i + 1) * USAGE_READS], now)
+                       for i, subject in enumerate(subjects)}
 
     async def close(self) -> None:
         if self._task is not None:

@@ -331,6 +331,36 @@ def test_two_gates_share_rpm_and_spend_through_redis(policy_gate, mock_upstream,
 
 
 @needs_redis
+def test_lmgate_keys_reads_redis_when_the_sidecar_is_down(policy_gate, mock_upstream, redis):
+    g = policy_gate(LMGATE_POLICY__REDIS_URL=redis.url)
+    mock_upstream.reply("*", Reply(body=CHAT))
+    mark = g.mark()
+    chat(oai(g, "rpm"))
+    chat(oai(g, "budget"))
+    g.new_records(mark, 2)
+    g.stop()  # it adds its last spend to Redis as it stops
+
+    def keys() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lmgate", "keys", "--config", str(CONFIG), "--format", "json"],
+                              env=g.env, capture_output=True, text=True, timeout=60)
+
+    shared = keys()
+    assert shared.returncode == 0 and "does not answer" in shared.stderr, shared.stderr
+    listed = json.loads(shared.stdout)
+    assert listed["use_from"] == "redis"
+    by_id = {k["id"]: k for k in listed["keys"]}
+    # The last minute is known again: Redis holds it for every gate.
+    assert by_id["rpm"]["use"]["requests_last_minute"] == 1
+    assert by_id["budget"]["use"]["tokens_month"] == 1500 and by_id["budget"]["use"]["usd_today"] > 0
+    redis.stop()
+    alone = keys()
+    assert alone.returncode == 0 and f"Redis at {redis.url} does not answer either" in alone.stderr, alone.stderr
+    listed = json.loads(alone.stdout)
+    assert listed["use_from"] == "stats files"
+    assert {k["id"]: k for k in listed["keys"]}["rpm"]["use"]["requests_last_minute"] is None
+
+
+@needs_redis
 def test_a_gate_whose_redis_is_gone_counts_on_its_own(policy_gate, mock_upstream, redis):
     g = policy_gate(LMGATE_POLICY__REDIS_URL=redis.url)
     mock_upstream.reply("*", Reply(body=CHAT))
