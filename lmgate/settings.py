@@ -43,6 +43,7 @@ class ProxySettings:
     max_header_size: str = "32k"
     upstream_connect_timeout_seconds: float = 10.0
     upstream_read_timeout_seconds: float = 600.0
+    shutdown_timeout_seconds: float = 10.0
     ca_bundle: Path = Path("/etc/ssl/certs/ca-certificates.crt")
     njs_module: str = "auto"
     nginx_binary: str = "auto"
@@ -380,6 +381,7 @@ def _validate(s: Settings, path: Path, errors: _Errors, sections: tuple[str, ...
         "server.auth_timeout_ms": s.server.auth_timeout_ms,
         "proxy.upstream_connect_timeout_seconds": s.proxy.upstream_connect_timeout_seconds,
         "proxy.upstream_read_timeout_seconds": s.proxy.upstream_read_timeout_seconds,
+        "proxy.shutdown_timeout_seconds": s.proxy.shutdown_timeout_seconds,
     }
     if wanted("proxy") and bool(s.proxy.tls_cert_path) != bool(s.proxy.tls_key_path):
         errors.fail(f"{path}: proxy.tls_cert_path and proxy.tls_key_path must be set together "

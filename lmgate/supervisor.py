@@ -144,12 +144,15 @@ class NginxProcess:
                                      stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=_pump, args=(self.proc.stdout, "nginx: "), daemon=True).start()
 
-    def stop(self, timeout: float = 10) -> None:
+    def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGQUIT)  # graceful: finish in-flight requests
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(self.settings.proxy.shutdown_timeout_seconds)
             except subprocess.TimeoutExpired:
+                log.warning("calls still running %g s after the stop are cut now "
+                            "(proxy.shutdown_timeout_seconds); they leave no record",
+                            self.settings.proxy.shutdown_timeout_seconds)
                 # The workers too (nginx's process group): a worker holding a WebSocket or a long
                 # stream would outlive its master for up to the upstream read timeout.
                 os.killpg(self.proc.pid, signal.SIGKILL)

@@ -216,6 +216,39 @@ def test_clean_stop_flushes_every_buffered_record(own_gate, mock_upstream):
     assert {r["input_tokens"] for r in records} == {11}
 
 
+def test_a_stop_lets_calls_in_flight_finish_for_the_shutdown_timeout(own_gate, mock_upstream):
+    g = own_gate(LMGATE_PROXY__SHUTDOWN_TIMEOUT_SECONDS="2")
+    start = b'event: message_start\ndata: {"type":"message_start"}\n\n'
+    never = threading.Event()  # the stalled answer's last event waits for it (set at the end)
+    mock_upstream.reply("/v1/stop/stalled", chunks=[start, b"event: message_stop\ndata: {}\n\n"],
+                        release_last=never, content_type="text/event-stream")
+    mock_upstream.reply("/v1/stop/slow", chunks=[b"data: 1\n\n", b"data: 2\n\n"], delay=0.4,
+                        content_type="text/event-stream")
+    headers = {"x-api-key": ALICE_KEY}
+    with httpx.Client(timeout=30) as client, \
+            client.stream("POST", g.base("anthropic") + "/v1/stop/stalled", headers=headers, content=b"{}") as stalled, \
+            client.stream("POST", g.base("anthropic") + "/v1/stop/slow", headers=headers, content=b"{}") as slow:
+        chunks = stalled.iter_raw()
+        assert next(chunks) == start
+        stopped_at = time.monotonic()
+        stopping = threading.Thread(target=g.stop)
+        stopping.start()
+        # A call that ends within the timeout ends as usual.
+        assert slow.read() == b"data: 1\n\ndata: 2\n\n"
+        # One still running when it is over is cut: the client sees its connection end.
+        with pytest.raises(httpx.HTTPError):
+            for _ in chunks:
+                pass
+        cut_after = time.monotonic() - stopped_at
+        stopping.join(30)
+        never.set()
+    assert not stopping.is_alive() and g.proc.returncode == 0
+    assert 2 <= cut_after < 8, f"the stalled call was cut {cut_after:.1f}s after the stop, not after 2 s"
+    assert "calls still running 2 s after the stop are cut now" in g.log()
+    slow_record = next(r for r in g.records() if r["endpoint"] == "/anthropic/v1/stop/slow")
+    assert slow_record["status"] == 200 and slow_record["error_type"] is None
+
+
 def test_request_ids_are_unique_across_connections_and_restarts(own_gate, mock_upstream):
     """A record's request_id: this nginx start's random id, the worker's pid, the connection's
     serial number and the request's number on that connection. nginx numbers connections from 1
