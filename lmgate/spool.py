@@ -34,6 +34,9 @@ NGINX_CLOSE_SECONDS = 1
 # "Notes moved from code comments").
 DONE_AFTER_SECONDS = SLOT_SECONDS + NGINX_CLOSE_SECONDS + 2
 CHECKPOINT_NAME = ".checkpoint.json"
+# Written by `lmgate nginx` / `lmgate up` once nginx has exited (removed when it starts): every
+# spool line is written then. A pod's sidecar waits for it before it stops (deploy/kubernetes).
+NGINX_STOPPED_NAME = ".nginx-stopped"
 STATS_MARK = "stats"  # the checkpoint's entry for the stats file; never a spool file's name
 # Bytes asked of each read: below glibc's 128 KiB mmap threshold, as every read allocates the
 # whole size (docs/performance-history.md, "Notes moved from code comments").

@@ -26,6 +26,7 @@ from lmgate.allowlist import AllowListError, load_allowlist
 from lmgate.nginx_conf import HTTP_PORT_HOST, RenderError, find_nginx, remove_stale_socket, write_config
 from lmgate.redact import redact
 from lmgate.settings import Settings
+from lmgate.spool import NGINX_STOPPED_NAME
 from lmgate.tls import CertWatcher
 from lmgate.upstreams import provider_hosts, resolve, unresolved_providers
 from lmgate.writer import STDOUT
@@ -138,6 +139,10 @@ class NginxProcess:
 
     def start(self) -> None:
         remove_stale_socket(self.settings)
+        try:
+            self._stopped_marker().unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", self._stopped_marker(), exc.strerror or exc)
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops nginx
         # gracefully (nginx takes SIGINT as "stop now").
         self.proc = subprocess.Popen(self._cmd(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -157,6 +162,14 @@ class NginxProcess:
                 # stream would outlive its master for up to the upstream read timeout.
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proc:
+            try:
+                self._stopped_marker().touch()
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self._stopped_marker(), exc.strerror or exc)
+
+    def _stopped_marker(self) -> Path:
+        return self.settings.stats.spool_dir / NGINX_STOPPED_NAME
 
 
 def lock_runtime_dir(runtime_dir: Path) -> int:

@@ -47,7 +47,10 @@ STOP_SECONDS = 15  # well under compose's stop_grace_period
 
 
 class Upstream:
-    """A provider on 127.0.0.1 that answers every POST with a small OpenAI-style completion."""
+    """A provider on 127.0.0.1 that answers every POST with a small OpenAI-style completion
+    (after SLOW_SECONDS for a path under /slow/)."""
+
+    SLOW_SECONDS = 3
 
     BODY = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-test",
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
@@ -55,13 +58,17 @@ class Upstream:
                        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode()
 
     def __init__(self) -> None:
-        body = self.BODY
+        body, upstream = self.BODY, self
+        self.slow_calls = 0
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if "/slow/" in self.path:
+                    upstream.slow_calls += 1
+                    time.sleep(Upstream.SLOW_SECONDS)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -201,9 +208,9 @@ def run_healthcheck(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=REPO)
 
 
-def call(port: int, key: str) -> tuple[int, dict]:
+def call(port: int, key: str, under: str = "") -> tuple[int, dict]:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/openai/v1/chat/completions", method="POST",
+        f"http://127.0.0.1:{port}/openai{under}/v1/chat/completions", method="POST",
         data=json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}).encode(),
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     try:

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ BASE = REPO / "deploy" / "kubernetes" / "base"
 OLD_KEY = "sk-lmgate-k8s-test-old-0123456789abcdef"
 NEW_KEY = "sk-lmgate-k8s-test-new-fedcba9876543210"
 HEADER = "id,api_key,owner,added\n"
+POD_SPOOL = yaml.safe_load((BASE / "lmgate.yaml").read_text())["stats"]["spool_dir"]
 
 
 def deployment() -> dict:
@@ -49,12 +51,12 @@ def container(name: str) -> dict:
     return next(c for c in deployment()["spec"]["template"]["spec"]["containers"] if c["name"] == name)
 
 
-def exec_command(argv: list[str], ports: dict[str, int]) -> list[str]:
-    """A probe's or hook's command as the manifest writes it, aimed at this test's ports."""
+def exec_command(argv: list[str], ports: dict[str, int], spool: Path) -> list[str]:
+    """A probe's or hook's command as the manifest writes it, aimed at this test's ports and spool."""
     assert argv[0] in ("python", "sleep")
     argv = [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
     return [a.replace("127.0.0.1:8081", f"127.0.0.1:{ports['server']}")
-             .replace('("127.0.0.1", 8080)', f'("127.0.0.1", {ports["proxy"]})') for a in argv]
+             .replace(POD_SPOOL, str(spool)) for a in argv]
 
 
 def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
@@ -64,6 +66,7 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
     secret = SecretVolume(tmp_path / "allowlist")
     secret.write({"allowlist.csv": HEADER + f"old,{OLD_KEY},ops@example.com,2026-12-01\n"})
     ports = {"proxy": free_port(), "server": free_port()}
+    spool = spool_dir(tmp_path)
     base = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_")}
     env = {
         **base,
@@ -76,7 +79,7 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
         "LMGATE_SERVER__PORT": str(ports["server"]),
         "LMGATE_AUTH__ALLOWLIST_PATH": str(secret.mount / "allowlist.csv"),
         "LMGATE_AUTH__POLL_INTERVAL_SECONDS": "0.2",
-        "LMGATE_STATS__SPOOL_DIR": str(spool_dir(tmp_path)),
+        "LMGATE_STATS__SPOOL_DIR": str(spool),
         # Longer than the test: the records reach stdout at the shutdown flush at the latest.
         "LMGATE_STATS__FLUSH_INTERVAL_SECONDS": "3600",
         **{f"LMGATE_PROVIDERS__{p.upper()}__UPSTREAM": upstream.url for p in PROVIDERS},
@@ -91,12 +94,12 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
                    or nginx.proc.poll() is not None, START_SECONDS, "nginx's /healthz")
         # The startup probe as the Deployment writes it: /readyz, which needs a call through
         # nginx to come back as a spool line.
-        startup = exec_command(container("sidecar")["startupProbe"]["exec"]["command"], ports)
+        startup = exec_command(container("sidecar")["startupProbe"]["exec"]["command"], ports, spool)
         wait_until(lambda: subprocess.run(startup, capture_output=True, timeout=10).returncode == 0
                    or sidecar.poll() is not None, START_SECONDS, "the sidecar's startup probe")
         assert sidecar.poll() is None, err_path.read_text()
         assert nginx.alive(), nginx.log()
-        liveness = exec_command(container("sidecar")["livenessProbe"]["exec"]["command"], ports)
+        liveness = exec_command(container("sidecar")["livenessProbe"]["exec"]["command"], ports, spool)
         assert subprocess.run(liveness, capture_output=True, timeout=10).returncode == 0
 
         made: list[tuple[str, int]] = []      # every call the client made: (key's id, status)
@@ -114,15 +117,23 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
         wait_until(lambda: go(OLD_KEY) == 403, 10, "the old key to be refused")
         assert [go(NEW_KEY) for _ in range(5)] == [200] * 5
 
-        # The stop sequence: the sidecar's preStop waits while nginx still accepts connections.
+        # The stop sequence as the kubelet runs it: the sidecar's preStop waits while nginx runs.
         hook = subprocess.Popen(exec_command(container("sidecar")["lifecycle"]["preStop"]["exec"]["command"],
-                                             ports))
+                                             ports, spool))
         time.sleep(1.5)
         assert hook.poll() is None, "the sidecar's preStop returned while nginx was running"
-        assert nginx.terminate() == 0, nginx.log()
-        assert hook.wait(10) == 0
+        # A call still in flight when nginx gets its SIGTERM; the sidecar gets its own as soon as
+        # its hook returns, whatever nginx still does.
+        slow = threading.Thread(target=lambda: made.append(("new", call(ports["proxy"], NEW_KEY, "/slow")[0])))
+        slow.start()
+        wait_until(lambda: upstream.slow_calls, 5, "the slow call to reach the provider")
+        nginx.proc.send_signal(signal.SIGTERM)
+        assert hook.wait(20) == 0
         sidecar.send_signal(signal.SIGTERM)
         assert sidecar.wait(15) == 0, err_path.read_text()
+        slow.join(10)
+        assert made[-1] == ("new", 200)
+        assert nginx.proc.wait(10) == 0, nginx.log()
     finally:
         kill_group(sidecar)
         nginx.kill()

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from lmgate.settings import load_settings
+from lmgate.spool import NGINX_STOPPED_NAME
 from lmgate.writer import STDOUT
 
 pytestmark = pytest.mark.unit
@@ -164,12 +165,12 @@ def test_stop_sequence_drains_then_lets_the_sidecar_outlive_nginx(objects, pod, 
     drain = nginx["lifecycle"]["preStop"]["exec"]["command"]
     assert drain[0] == "sleep" and int(drain[1]) >= 5
     wait = " ".join(sidecar["lifecycle"]["preStop"]["exec"]["command"])
-    port = pod_settings(objects, tmp_path, "nginx").proxy.port
-    assert f'"127.0.0.1", {port}' in wait
+    # The sidecar waits for the file `lmgate nginx` writes in the shared spool folder.
+    assert f'"{pod_settings(objects, tmp_path, "sidecar").stats.spool_dir / NGINX_STOPPED_NAME}"' in wait
     waited = int(re.search(r"time.monotonic\(\) \+ (\d+)", wait).group(1))
-    # nginx: the drain, then `lmgate nginx`'s graceful stop (10 s); the sidecar: its wait, the
-    # spool's last read (2 s) and aiohttp's shutdown (5 s); all within the grace period.
-    assert int(drain[1]) + 10 <= waited
+    # nginx: the drain, then `lmgate nginx`'s graceful stop; the sidecar: its wait, the spool's
+    # last read (2 s) and aiohttp's shutdown (5 s); all within the grace period.
+    assert int(drain[1]) + pod_settings(objects, tmp_path, "nginx").proxy.shutdown_timeout_seconds < waited
     assert waited + 2 + 5 < pod["spec"]["terminationGracePeriodSeconds"]
     strategy = objects["Deployment"]["spec"]["strategy"]["rollingUpdate"]
     assert strategy["maxUnavailable"] == 0
