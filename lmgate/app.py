@@ -14,7 +14,6 @@ WebSocket APIs pass through a relay (lmgate/ws_relay.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -174,13 +173,38 @@ METRICS_DRAIN_SECONDS = 1.0
 
 
 async def metrics(request: web.Request) -> web.Response:
-    app = request.app
+    return await _exposition(request.app)
+
+
+async def _exposition(app: web.Application) -> web.Response:
     m = app[METRICS]
-    # /readyz's own answer says how many problems there are: one source for both.
     m.drain()
-    m.readiness_problems = len(json.loads((await readyz(request)).text)["problems"])
+    m.readiness_problems = len(_problems(app))  # /readyz's own list: one source for both
     await m.scrape_nginx(app[READINESS].socket, STUB_STATUS_PATH)
     return web.Response(body=m.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
+    """metrics.port: /metrics alone on a listener of its own, so that a scraper can be let in
+    without reaching /auth or /policy/usage."""
+    s = app[SETTINGS].metrics
+    only = web.Application()
+
+    async def handler(request: web.Request) -> web.Response:
+        return await _exposition(app)
+
+    only.router.add_get("/metrics", handler)
+    runner = web.AppRunner(only, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, s.host, s.port, reuse_address=True).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise SystemExit(f"lmgate: the sidecar cannot serve /metrics on {s.host}:{s.port} (metrics.port): "
+                         f"{exc.strerror or exc}") from None
+    log.info("/metrics also on %s:%d", s.host, s.port)
+    yield
+    await runner.cleanup()
 
 
 def _pipeline(app: web.Application) -> dict[str, float]:
@@ -302,6 +326,8 @@ def create_app(settings: Settings, holder: AllowListHolder | None = None) -> web
     app[METRICS].pipeline = lambda: _pipeline(app)
     app.cleanup_ctx.append(metrics_ctx)
     app.router.add_get("/metrics", metrics)
+    if settings.metrics.port:
+        app.cleanup_ctx.append(metrics_port_ctx)
     # WebSocket APIs: nginx hands their handshakes to the relay (lmgate/ws_relay.py).
     ws_relay.register(app, settings, ALLOWLIST, WRITER)
     return app

@@ -119,6 +119,9 @@ class ReportSettings:
 class MetricsSettings:
     # owner and lmgate_id labels on the per-call metrics: one series per key (cardinality).
     per_key_labels: bool = False
+    # 0 = /metrics on server.port only; else also on host:port, which answers /metrics alone.
+    port: int = 0
+    host: str = "127.0.0.1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,6 +374,10 @@ def _validate(s: Settings, path: Path, errors: _Errors, sections: tuple[str, ...
     for key, port in (("proxy.port", s.proxy.port), ("server.port", s.server.port)):
         if wanted(key) and not 1 <= port <= 65535:
             errors.fail(f"{path}: {key} must be between 1 and 65535, got {port}", key)
+    if wanted("metrics") and s.metrics.port and (
+            not 1 <= s.metrics.port <= 65535 or s.metrics.port in (s.proxy.port, s.server.port)):
+        errors.fail(f"{path}: metrics.port must be 0 (none) or a port between 1 and 65535 other than "
+                    f"proxy.port and server.port, got {s.metrics.port}", "metrics")
     positive = {
         "auth.poll_interval_seconds": s.auth.poll_interval_seconds,
         "stats.flush_interval_seconds": s.stats.flush_interval_seconds,

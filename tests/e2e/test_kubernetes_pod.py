@@ -65,7 +65,7 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
     upstream = Upstream()
     secret = SecretVolume(tmp_path / "allowlist")
     secret.write({"allowlist.csv": HEADER + f"old,{OLD_KEY},ops@example.com,2026-12-01\n"})
-    ports = {"proxy": free_port(), "server": free_port()}
+    ports = {"proxy": free_port(), "server": free_port(), "metrics": free_port()}
     spool = spool_dir(tmp_path)
     base = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_")}
     env = {
@@ -77,6 +77,8 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
         "LMGATE_PROXY__WORKER_PROCESSES": "1",
         "LMGATE_PROXY__RUNTIME_DIR": str(tmp_path / "run"),
         "LMGATE_SERVER__PORT": str(ports["server"]),
+        "LMGATE_METRICS__HOST": "127.0.0.1",
+        "LMGATE_METRICS__PORT": str(ports["metrics"]),
         "LMGATE_AUTH__ALLOWLIST_PATH": str(secret.mount / "allowlist.csv"),
         "LMGATE_AUTH__POLL_INTERVAL_SECONDS": "0.2",
         "LMGATE_STATS__SPOOL_DIR": str(spool),
@@ -116,6 +118,9 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
         # The old key's "yes" may still be in nginx's auth cache (auth.cache_seconds + 1 s).
         wait_until(lambda: go(OLD_KEY) == 403, 10, "the old key to be refused")
         assert [go(NEW_KEY) for _ in range(5)] == [200] * 5
+        # Prometheus's port: /metrics, and not /auth.
+        metrics = f"http://127.0.0.1:{ports['metrics']}"
+        assert http_status(metrics + "/metrics") == 200 and http_status(metrics + "/auth") == 404
 
         # The stop sequence as the kubelet runs it: the sidecar's preStop waits while nginx runs.
         hook = subprocess.Popen(exec_command(container("sidecar")["lifecycle"]["preStop"]["exec"]["command"],

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lmgate.report.output import DENIED
 from tests.support.gate import ALICE_KEY, BOB_KEY, UNLISTED_KEY
+from tests.support.ports import free_port
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -90,6 +91,25 @@ def test_metrics_of_a_running_gate(own_gate, mock_upstream):
         assert b"lmgate_calls_total" not in resp.content
 
     check_dashboard(families)
+
+
+def test_a_metrics_port_of_its_own_answers_metrics_alone(own_gate, mock_upstream):
+    port = free_port()
+    gate = own_gate(LMGATE_METRICS__PORT=str(port))
+    mock_upstream.reply("/v1/metrics-port/chat", body=json.dumps(CHAT).encode(), content_type="application/json")
+    mark = gate.mark()
+    assert httpx.post(gate.base("openai") + "/v1/metrics-port/chat", json={"model": "gpt-4o-mini"},
+                      headers={"Authorization": f"Bearer {ALICE_KEY}"}, timeout=10).status_code == 200
+    gate.new_records(mark, 1)
+    url = f"http://127.0.0.1:{port}"
+    resp = httpx.get(url + "/metrics", timeout=10)
+    assert resp.status_code == 200
+    own = list(text_string_to_metric_families(resp.text))
+    for name in ("lmgate_calls_total", "lmgate_tokens_total"):
+        assert samples(own, name) and samples(own, name) == samples(scrape(gate), name), name
+    # A scraper let in there reaches nothing else of the sidecar.
+    for path in ("/auth", "/policy/usage", "/readyz"):
+        assert httpx.get(url + path, headers={"Authorization": f"Bearer {ALICE_KEY}"}, timeout=10).status_code == 404
 
 
 def check_dashboard(families) -> None:

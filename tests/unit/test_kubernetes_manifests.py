@@ -160,6 +160,17 @@ def test_nginx_runtime_dir_is_on_a_writable_volume(objects, pod, tmp_path):
     assert any(m == runtime or m in runtime.parents for m in mounts)
 
 
+def test_prometheus_scrapes_a_port_that_answers_metrics_alone(objects, pod, tmp_path):
+    settings = pod_settings(objects, tmp_path, "sidecar")
+    assert settings.server.host == "127.0.0.1"       # /auth: the pod's loopback only
+    assert settings.metrics.host == "0.0.0.0" and settings.metrics.port
+    ports = {p["name"]: p["containerPort"] for p in container(pod, "sidecar")["ports"]}
+    assert ports == {"metrics": settings.metrics.port}
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.metrics.port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
 def test_stop_sequence_drains_then_lets_the_sidecar_outlive_nginx(objects, pod, tmp_path):
     nginx, sidecar = container(pod, "nginx"), container(pod, "sidecar")
     drain = nginx["lifecycle"]["preStop"]["exec"]["command"]

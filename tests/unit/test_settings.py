@@ -499,6 +499,15 @@ def test_tls_keys_default_to_off_and_are_checked_together(partial, text, message
         load_settings(partial(text), environ={})
 
 
+@pytest.mark.parametrize("port", ["8081", "8080", "70000", "-1"])
+def test_a_metrics_port_must_be_a_free_port_of_its_own(partial, port):
+    assert load_settings(partial(""), environ={}).metrics.port == 0
+    assert load_settings(partial("metrics:\n  port: 9464\n"), environ={}).metrics.port == 9464
+    with pytest.raises(ConfigError, match=re.escape(f"metrics.port must be 0 (none) or a port between 1 and "
+                                                    f"65535 other than proxy.port and server.port, got {port}")):
+        load_settings(partial(""), environ={"LMGATE_METRICS__PORT": port})
+
+
 def test_cli_prints_every_config_error_on_its_own_line(partial, capsys):
     from lmgate import cli
     config = partial("proxy:\n  port: 0\nlogging:\n  level: loud\n")
