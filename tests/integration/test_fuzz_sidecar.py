@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from lmgate import records as records_mod
 from lmgate.allowlist import AllowListHolder
 from lmgate.keys import hash_key, mask_key
+from lmgate.refusals import FOLDED
 from lmgate.app import create_app
 from lmgate.settings import load_settings
 from tests.support.gate import ALICE_KEY, BOB_KEY, CONFIG, UNLISTED_KEY
@@ -60,7 +61,12 @@ def strict_records(data: bytes) -> list[dict]:
     records = []
     for line in data.splitlines():
         record = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
-        assert tuple(record) == RECORD_KEYS, list(record)
+        keys = tuple(record)
+        if keys[-1:] == ("folded_calls",):  # stands for a flood of refused calls (lmgate/refusals.py)
+            assert record["error_type"] in FOLDED and type(record["folded_calls"]) is int, record
+            assert record["folded_calls"] >= 1
+            keys = keys[:-1]
+        assert keys == RECORD_KEYS, list(record)
         assert TIMESTAMP.fullmatch(record["timestamp"]), record["timestamp"]
         assert type(record["status"]) is int and type(record["stream"]) is bool
         assert type(record["response_bytes"]) is int
@@ -359,6 +365,21 @@ async def test_bad_lines_are_counted_never_stop_the_next_and_never_leak_a_key(si
     assert UNLISTED_KEY not in caplog.text, "a key in the log"
     for record in records:
         assert UNLISTED_KEY not in json.dumps(record, ensure_ascii=False)
+
+
+async def test_a_folded_record_of_refused_calls_has_the_record_shape_plus_its_count(sidecar):
+    """The fuzz draws above can hold a flood of refusals from one address: its folded record is
+    written as soon as a later call of that address ends its window."""
+    per_window = 10  # stats.refusal_records_per_window's default
+    refused = [spool_line(b"{}", rid=f"refused-{i}", id="", own="", s=403, err="forbidden", ra="192.0.2.9",
+                          ts="1700000000.500") for i in range(per_window + 3)]
+    later = spool_line(b"{}", rid="refused-later", id="", own="", s=403, err="forbidden", ra="192.0.2.9",
+                       ts="1700000030.500")
+    sidecar.write([*refused, later])
+    records = await sidecar.new_records()
+    folded = [r for r in records if "folded_calls" in r]
+    assert [(r["request_id"], r["folded_calls"]) for r in folded] == [(f"refused-{per_window}", 3)]
+    assert len(records) == per_window + 2
 
 
 async def test_a_line_with_values_other_than_strings_is_bad_or_a_strict_record(sidecar):
