@@ -129,7 +129,8 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
         assert hook.poll() is None, "the sidecar's preStop returned while nginx was running"
         # A call still in flight when nginx gets its SIGTERM; the sidecar gets its own as soon as
         # its hook returns, whatever nginx still does.
-        slow = threading.Thread(target=lambda: made.append(("new", call(ports["proxy"], NEW_KEY, "/slow")[0])))
+        slow_status: list[int] = []
+        slow = threading.Thread(target=lambda: slow_status.append(call(ports["proxy"], NEW_KEY, "/slow")[0]))
         slow.start()
         wait_until(lambda: upstream.slow_calls, 5, "the slow call to reach the provider")
         nginx.proc.send_signal(signal.SIGTERM)
@@ -137,7 +138,8 @@ def test_pod_reloads_a_secret_update_and_ships_every_record_on_stdout(tmp_path):
         sidecar.send_signal(signal.SIGTERM)
         assert sidecar.wait(15) == 0, err_path.read_text()
         slow.join(10)
-        assert made[-1] == ("new", 200)
+        assert slow_status == [200]
+        made.append(("new", 200))
         assert nginx.proc.wait(10) == 0, nginx.log()
     finally:
         kill_group(sidecar)
