@@ -308,13 +308,18 @@ class Buckets:
         self.total += value
 
     def family(self, name: str, text: str) -> HistogramMetricFamily:
-        buckets, running = [], 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += n
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
         family = HistogramMetricFamily(name, text)
-        family.add_metric([], buckets, self.total)
+        family.add_metric([], cumulative(self.bounds, self.counts), self.total)
         return family
+
+
+def cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts (+Inf last) as Prometheus's cumulative (le, count) pairs."""
+    buckets, running = [], 0
+    for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+        running += n
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return buckets
 
 
 class _Collector:
@@ -369,12 +374,7 @@ class _Collector:
         for base, h in hist.items():
             if not h[0]:      # only refused calls: no upstream duration
                 continue
-            total, counts = h[1], h[2:]
-            buckets, running = [], 0
-            for bound, n in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
-                running += n
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
-            duration.add_metric(list(base), buckets, total)
+            duration.add_metric(list(base), cumulative(DURATION_BUCKETS, h[2:]), h[1])
         yield from (calls, tokens, cost, unpriced, duration)
         yield m.auth_seconds.family("lmgate_auth_duration_seconds",
                                     "Time the sidecar took to answer nginx's /auth subrequests")
